@@ -1,0 +1,76 @@
+"""Model hyper-parameters and the named size configurations."""
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, List
+
+#: Highest atomic number with an embedding row (Bi, OMol25's range is Z = 1..83).
+MAX_ATOMIC_NUMBER = 83
+#: Total charges representable by the charge embedding: -MAX_ABS_CHARGE..+MAX_ABS_CHARGE.
+MAX_ABS_CHARGE = 10
+#: Spin multiplicities representable by the spin embedding: 1..MAX_MULTIPLICITY.
+MAX_MULTIPLICITY = 11
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a TransIP network (everything needed to rebuild it from weights)."""
+
+    width: int = 256
+    heads: int = 8
+    layers: int = 6
+    cutoff: float = 5.0
+    ffn_factor: int = 2
+    edge_width: int = 64
+    num_rbf: int = 16
+    envelope_exponent: int = 5
+    # Layers whose outputs the equivariance network learns to rotate (negative = from the end).
+    equivariance_layers: List[int] = field(default_factory=lambda: [-1])
+    equivariance_hidden: int = 256
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads != 0:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.cutoff <= 0:
+            raise ValueError(f"cutoff must be positive, got {self.cutoff} Å")
+        if self.layers < 1:
+            raise ValueError(f"layers must be >= 1, got {self.layers}")
+
+    @property
+    def receptive_field(self) -> float:
+        """Distance (Å) over which an atom's energy can depend on other atoms."""
+        return self.layers * self.cutoff
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+#: Named sizes. ``tiny`` is for tests; ``s`` is the paper-scale small model.
+NAMED_CONFIGS: Dict[str, ModelConfig] = {
+    "tiny": ModelConfig(width=32, heads=4, layers=2, cutoff=4.0, edge_width=16, num_rbf=8,
+                        equivariance_hidden=32),
+    "xs": ModelConfig(width=64, heads=4, layers=3, cutoff=5.0, edge_width=32, num_rbf=12,
+                      equivariance_hidden=64),
+    "s": ModelConfig(width=256, heads=8, layers=6, cutoff=5.0),
+    "m": ModelConfig(width=512, heads=16, layers=8, cutoff=5.0, edge_width=96,
+                     equivariance_hidden=512),
+    "l": ModelConfig(width=768, heads=16, layers=12, cutoff=6.0, edge_width=128,
+                     equivariance_hidden=768),
+}
+
+
+def named_config(name: str) -> ModelConfig:
+    key = name.lower().removeprefix("transip-")
+    if key not in NAMED_CONFIGS:
+        raise ValueError(
+            f"unknown model size '{name}'; choose one of: "
+            + ", ".join(f"transip-{k}" for k in NAMED_CONFIGS)
+        )
+    return ModelConfig.from_dict(NAMED_CONFIGS[key].to_dict())

@@ -1,0 +1,283 @@
+"""Energy, forces and stress of whole systems: neighbour search + network + autograd.
+
+:class:`TransIPPotential` is the scriptable unit that training uses eagerly and the exporter
+scripts into the engine file. Everything is in eV and Å; engines convert at their boundary.
+"""
+
+from typing import Dict, List, Tuple
+
+import torch
+from ase.data import chemical_symbols
+from torch import Tensor, nn
+
+from .config import MAX_ABS_CHARGE, MAX_ATOMIC_NUMBER, MAX_MULTIPLICITY, ModelConfig
+from .neighbors import neighbor_pairs, pairs_to_dense
+from .transformer import TransIPNetwork
+
+#: Two atoms closer than this (Å) are treated as a broken input, not as physics.
+MIN_PAIR_DISTANCE = 1e-2
+
+
+class TransIPPotential(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cutoff = float(cfg.cutoff)
+        self.num_layers = int(cfg.layers)
+        self.network = TransIPNetwork(cfg)
+        self.register_buffer(
+            "supported_elements", torch.zeros(MAX_ATOMIC_NUMBER + 1, dtype=torch.bool)
+        )
+        self.symbols: List[str] = list(chemical_symbols[: MAX_ATOMIC_NUMBER + 1])
+        self.check_inputs = True
+        self.min_pair_distance = MIN_PAIR_DISTANCE
+        # Engine-facing metadata; the exporter fills these before scripting (see
+        # export/CONTRACT.md). format_version 0 means "not an exported file".
+        self.format_version = 0
+        self.receptive_field = float(cfg.layers * cfg.cutoff)
+        self.metadata_json = "{}"
+        self.max_atomic_number = MAX_ATOMIC_NUMBER
+        self.max_abs_charge = MAX_ABS_CHARGE
+        self.max_multiplicity = MAX_MULTIPLICITY
+
+    # ------------------------------------------------------------------ validation
+    @torch.jit.export
+    def validate(self, positions: Tensor, numbers: Tensor, charge: Tensor, spin: Tensor) -> None:
+        """Raise a ValueError naming the first problem in the inputs."""
+        n_atoms = positions.shape[0]
+        if n_atoms == 0:
+            raise ValueError("empty structure: no atoms were given")
+        if positions.dim() != 2 or positions.shape[1] != 3:
+            raise ValueError("positions must have shape [N, 3]")
+        if numbers.shape[0] != n_atoms:
+            raise ValueError(
+                "got " + str(numbers.shape[0]) + " atomic numbers for " + str(n_atoms) + " atoms"
+            )
+        finite = torch.isfinite(positions).all(dim=1)
+        if not bool(finite.all()):
+            bad = int(torch.nonzero(~finite)[0, 0])
+            raise ValueError(
+                "position of atom " + str(bad) + " is not finite (NaN or inf)"
+            )
+        in_range = (numbers >= 1) & (numbers <= self.max_atomic_number)
+        if not bool(in_range.all()):
+            bad = int(torch.nonzero(~in_range)[0, 0])
+            raise ValueError(
+                "atom " + str(bad) + " has atomic number " + str(int(numbers[bad]))
+                + ", outside 1.." + str(self.max_atomic_number)
+            )
+        known = self.supported_elements[numbers]
+        if not bool(known.all()):
+            bad = int(torch.nonzero(~known)[0, 0])
+            z = int(numbers[bad])
+            raise ValueError(
+                "element " + self.symbols[z] + " (Z=" + str(z) + ", atom index " + str(bad)
+                + ") is not supported by this model; it knows " + ", ".join(self.element_list())
+            )
+        q = int(charge.reshape(-1)[0])
+        if q < -self.max_abs_charge or q > self.max_abs_charge:
+            raise ValueError(
+                "total charge " + str(q) + " is outside the model's range -"
+                + str(self.max_abs_charge) + ".." + str(self.max_abs_charge)
+            )
+        s = int(spin.reshape(-1)[0])
+        if s < 1 or s > self.max_multiplicity:
+            raise ValueError(
+                "spin multiplicity " + str(s) + " is outside the model's range 1.."
+                + str(self.max_multiplicity)
+            )
+
+    @torch.jit.export
+    def element_list(self) -> List[str]:
+        out: List[str] = []
+        for z in range(1, self.max_atomic_number + 1):
+            if bool(self.supported_elements[z]):
+                out.append(self.symbols[z])
+        return out
+
+    # ------------------------------------------------------------------ core
+    def atom_energies_from_pairs(
+        self,
+        positions: Tensor,
+        numbers: Tensor,
+        charge: Tensor,
+        spin: Tensor,
+        i: Tensor,
+        j: Tensor,
+        shift: Tensor,
+    ) -> Tuple[Tensor, List[Tensor]]:
+        """Per-atom energies from a pair list sorted by i.
+
+        ``positions[j] - positions[i] + shift`` is each pair's displacement (Å); ``charge`` and
+        ``spin`` are per atom. Differentiable with respect to positions and shift.
+        """
+        n_atoms = positions.shape[0]
+        vec = positions[j] - positions[i] + shift
+        if self.check_inputs and vec.shape[0] > 0:
+            d2 = (vec.detach() * vec.detach()).sum(1)
+            k = int(torch.argmin(d2))
+            if float(d2[k]) < self.min_pair_distance * self.min_pair_distance:
+                raise ValueError(
+                    "atoms " + str(int(i[k])) + " and " + str(int(j[k]))
+                    + " are at the same position (distance "
+                    + str(float(torch.sqrt(d2[k]))) + " Å)"
+                )
+        row, slot, k_max = pairs_to_dense(i, n_atoms)
+        far = torch.zeros(3, dtype=positions.dtype, device=positions.device)
+        far[0] = 2.0 * self.cutoff
+        nbr_vec = far.expand(n_atoms, k_max, 3).clone()
+        nbr_vec = nbr_vec.index_put((row, slot), vec)
+        nbr_index = torch.full((n_atoms, k_max), n_atoms, dtype=torch.long, device=positions.device)
+        nbr_index = nbr_index.index_put((row, slot), j)
+        return self.network(numbers, charge, spin, nbr_index, nbr_vec)
+
+    def _system_energies(
+        self,
+        positions: Tensor,
+        numbers: Tensor,
+        cell: Tensor,
+        pbc: Tensor,
+        charge: Tensor,
+        spin: Tensor,
+        strain: Tensor,
+    ) -> Tuple[Tensor, List[Tensor]]:
+        """Per-atom energies of one system; ``strain`` (3x3, zeros) carries the virial."""
+        i, j, s = neighbor_pairs(positions, cell, pbc, self.cutoff)
+        deform = torch.eye(3, dtype=positions.dtype, device=positions.device) + strain
+        pos = positions @ deform
+        shift = s @ (cell @ deform)
+        n_atoms = positions.shape[0]
+        q = charge.reshape(1).to(torch.long).expand(n_atoms)
+        m = spin.reshape(1).to(torch.long).expand(n_atoms)
+        return self.atom_energies_from_pairs(pos, numbers, q, m, i, j, shift)
+
+    # ------------------------------------------------------------------ Python / ASE entry
+    @torch.jit.export
+    def compute(
+        self,
+        positions: Tensor,
+        numbers: Tensor,
+        cell: Tensor,
+        pbc: Tensor,
+        charge: Tensor,
+        spin: Tensor,
+        compute_forces: bool = True,
+        compute_stress: bool = False,
+    ) -> Dict[str, Tensor]:
+        """Energy (eV), per-atom energies, forces (eV/Å) and stress (eV/Å^3, 3x3) of one system.
+
+        ``positions`` [N, 3] Å; ``numbers`` [N] int64; ``cell`` [3, 3] Å (rows are lattice
+        vectors); ``pbc`` [3] bool; ``charge``, ``spin`` scalar tensors (total charge, spin
+        multiplicity).
+        """
+        dtype = self.network.energy_scale.dtype
+        positions = positions.to(dtype)
+        cell = cell.to(dtype).to(positions.device)
+        pbc = pbc.to(torch.bool)
+        numbers = numbers.to(torch.long)
+        if self.check_inputs:
+            self.validate(positions, numbers, charge, spin)
+        periodic = bool(pbc.any())
+        positions = positions.detach().requires_grad_(compute_forces)
+        strain = torch.zeros((3, 3), dtype=dtype, device=positions.device)
+        want_stress = compute_stress and periodic
+        strain.requires_grad_(want_stress)
+        energies, _ = self._system_energies(positions, numbers, cell, pbc, charge, spin, strain)
+        energy = energies.sum()
+        out: Dict[str, Tensor] = {"energy": energy.detach(), "energies": energies.detach()}
+        inputs: List[Tensor] = []
+        if compute_forces:
+            inputs.append(positions)
+        if want_stress:
+            inputs.append(strain)
+        if len(inputs) > 0:
+            grads = torch.autograd.grad([energy], inputs, allow_unused=True)
+            k = 0
+            if compute_forces:
+                g = grads[k]
+                out["forces"] = -g if g is not None else torch.zeros_like(positions)
+                k += 1
+            if want_stress:
+                g = grads[k]
+                volume = torch.abs(torch.linalg.det(cell))
+                dedstrain = g if g is not None else torch.zeros_like(strain)
+                out["stress"] = 0.5 * (dedstrain + dedstrain.T) / volume
+        return out
+
+    @torch.jit.export
+    def energy(
+        self,
+        positions: Tensor,
+        numbers: Tensor,
+        cell: Tensor,
+        pbc: Tensor,
+        charge: Tensor,
+        spin: Tensor,
+    ) -> Tensor:
+        """Differentiable total energy (eV) of one system; for engines that run autograd."""
+        dtype = self.network.energy_scale.dtype
+        positions = positions.to(dtype)
+        cell = cell.to(dtype).to(positions.device)
+        pbc = pbc.to(torch.bool)
+        numbers = numbers.to(torch.long)
+        if self.check_inputs:
+            self.validate(positions, numbers, charge, spin)
+        strain = torch.zeros((3, 3), dtype=dtype, device=positions.device)
+        energies, _ = self._system_energies(positions, numbers, cell, pbc, charge, spin, strain)
+        return energies.sum()
+
+    # ------------------------------------------------------------------ LAMMPS entry
+    @torch.jit.export
+    def lammps(
+        self,
+        positions: Tensor,
+        numbers: Tensor,
+        edge_i: Tensor,
+        edge_j: Tensor,
+        nlocal: int,
+        charge: Tensor,
+        spin: Tensor,
+    ) -> Tuple[Tensor, Tensor]:
+        """Per-atom energies of the local atoms (eV) and forces on all atoms (eV/Å).
+
+        ``positions`` [Ntot, 3] Å of local then ghost atoms (ghosts are periodic images or
+        other ranks' atoms, already at their image positions); ``numbers`` [Ntot]; ``edge_i``,
+        ``edge_j`` the engine's full neighbour pairs (both directions, any order, may include
+        pairs beyond the cutoff, which are dropped). Only local energies are summed, so forces
+        on ghosts must be added back to their owners by the engine (reverse communication).
+        Exact when ghosts extend to the receptive field (layers x cutoff).
+        """
+        dtype = self.network.energy_scale.dtype
+        positions = positions.to(dtype)
+        numbers = numbers.to(torch.long)
+        if self.check_inputs:
+            self.validate(positions, numbers, charge, spin)
+        positions = positions.detach().requires_grad_(True)
+        with torch.no_grad():
+            d = positions[edge_j] - positions[edge_i]
+            keep = (d * d).sum(1) < self.cutoff * self.cutoff
+            i = edge_i[keep]
+            j = edge_j[keep]
+            order = torch.argsort(i, stable=True)
+            i = i[order]
+            j = j[order]
+        n_total = positions.shape[0]
+        q = charge.reshape(1).to(torch.long).expand(n_total)
+        m = spin.reshape(1).to(torch.long).expand(n_total)
+        shift = torch.zeros((i.shape[0], 3), dtype=dtype, device=positions.device)
+        energies, _ = self.atom_energies_from_pairs(positions, numbers, q, m, i, j, shift)
+        local = energies[:nlocal]
+        grads = torch.autograd.grad([local.sum()], [positions], allow_unused=True)
+        g = grads[0]
+        forces = -g if g is not None else torch.zeros_like(positions)
+        return local.detach(), forces
+
+    def forward(
+        self,
+        positions: Tensor,
+        numbers: Tensor,
+        cell: Tensor,
+        pbc: Tensor,
+        charge: Tensor,
+        spin: Tensor,
+    ) -> Dict[str, Tensor]:
+        return self.compute(positions, numbers, cell, pbc, charge, spin, True, True)

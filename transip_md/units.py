@@ -1,0 +1,22 @@
+"""The one place where units are converted.
+
+Every number here comes from ``ase.units`` (CODATA 2014 values as ASE ships them). The model
+works in eV and Å; engines convert on the way in and out with these factors only.
+"""
+
+from ase import units as _ase_units
+
+#: Model length unit and energy unit.
+LENGTH_UNIT = "angstrom"
+ENERGY_UNIT = "eV"
+
+#: 1 nm expressed in Å.
+ANGSTROM_PER_NM = float(_ase_units.nm / _ase_units.Angstrom)
+#: 1 eV expressed in kJ/mol.
+KJ_PER_MOL_PER_EV = float(_ase_units.eV / (_ase_units.kJ / _ase_units.mol))
+#: 1 kcal/mol expressed in eV (LAMMPS ``units real``).
+EV_PER_KCAL_PER_MOL = float((_ase_units.kcal / _ase_units.mol) / _ase_units.eV)
+#: 1 eV/Å^3 in GPa, for printing stresses.
+GPA_PER_EV_PER_A3 = float(1.0 / _ase_units.GPa)
+#: 1 meV in eV.
+MEV_PER_EV = 1000.0
