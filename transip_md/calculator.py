@@ -1,0 +1,75 @@
+"""ASE calculator for exported TransIP models.
+
+    from transip_md.calculator import TransIPCalculator
+    atoms.calc = TransIPCalculator("model.pt")            # or TransIPCalculator() for the shipped model
+    atoms.info["charge"], atoms.info["spin"] = -1, 1       # total charge, spin multiplicity
+    atoms.get_potential_energy(); atoms.get_forces(); atoms.get_stress()
+"""
+
+from typing import List, Optional
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from .export import default_model_path, load_exported, read_metadata
+from .model_errors import ScriptError, translate_model_error
+
+
+class TransIPCalculator(Calculator):
+    """Energy (eV), forces (eV/Å), stress (eV/Å³, periodic cells) and per-atom energies.
+
+    Args:
+        model_path: an exported file (``python -m transip_md.export``); ``None`` uses the
+            shipped default model.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        charge, spin: total charge and spin multiplicity; when ``None`` they are read from
+            ``atoms.info["charge"]`` / ``atoms.info["spin"]`` (OMol25's keys), default 0 and 1.
+    """
+
+    implemented_properties: List[str] = ["energy", "free_energy", "forces", "stress", "energies"]
+
+    def __init__(self, model_path: Optional[str] = None, device: str = "cpu",
+                 charge: Optional[int] = None, spin: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.model_path = str(model_path) if model_path is not None else str(default_model_path())
+        self.metadata = read_metadata(self.model_path)
+        self.device = torch.device(device)
+        self.model = load_exported(self.model_path, device=self.device)
+        self.dtype = getattr(torch, self.metadata["dtype"])
+        self.charge = charge
+        self.spin = spin
+
+    def _charge_spin(self, atoms) -> tuple:
+        charge = self.charge if self.charge is not None else atoms.info.get("charge", 0)
+        spin = self.spin if self.spin is not None else atoms.info.get("spin", 1)
+        return int(charge), int(spin)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        charge, spin = self._charge_spin(self.atoms)
+        as_t = lambda a, dt: torch.as_tensor(np.asarray(a), dtype=dt, device=self.device)  # noqa: E731
+        want_stress = "stress" in properties and bool(self.atoms.pbc.any())
+        try:
+            out = self.model.compute(
+                as_t(self.atoms.positions, self.dtype),
+                as_t(self.atoms.numbers, torch.long),
+                as_t(self.atoms.cell.array, self.dtype),
+                as_t(self.atoms.pbc, torch.bool),
+                torch.tensor(charge), torch.tensor(spin),
+                True, want_stress,
+            )
+        except ScriptError as exc:
+            raise translate_model_error(exc) from None
+        energy = float(out["energy"])
+        self.results["energy"] = energy
+        self.results["free_energy"] = energy
+        self.results["energies"] = out["energies"].double().cpu().numpy()
+        self.results["forces"] = out["forces"].double().cpu().numpy()
+        if want_stress:
+            self.results["stress"] = full_3x3_to_voigt_6_stress(out["stress"].double().cpu().numpy())
+        elif "stress" in properties:
+            from ase.calculators.calculator import PropertyNotImplementedError
+
+            raise PropertyNotImplementedError("stress needs a periodic cell (atoms.pbc all False)")

@@ -1,0 +1,15 @@
+"""Export to, and load from, the engine file (``python -m transip_md.export``).
+
+See ``export/CONTRACT.md`` at the repository root for the engine contract.
+"""
+
+from .checkpoint_export import (DEFAULT_MODEL_NAME, default_checkpoint_path, default_model_path,
+                                export_checkpoint, resolve_checkpoint)
+from .model_file import (FORMAT_VERSION, ModelFileError, export_potential, load_exported,
+                         read_metadata)
+
+__all__ = [
+    "DEFAULT_MODEL_NAME", "FORMAT_VERSION", "ModelFileError", "default_checkpoint_path",
+    "default_model_path", "export_checkpoint", "export_potential", "load_exported",
+    "read_metadata", "resolve_checkpoint",
+]

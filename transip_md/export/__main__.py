@@ -1,0 +1,88 @@
+"""Export a TransIP checkpoint to one self-contained TorchScript file.
+
+  python -m transip_md.export runs/s/ckpt.pt model.pt            # float32 (default)
+  python -m transip_md.export runs/s/ckpt.pt model64.pt --dtype float64
+  python -m transip_md.export model.pt                            # the shipped default model
+  python -m transip_md.export transip-demo model.pt               # the same, by name
+  python -m transip_md.export --info model.pt                     # print metadata, run nothing
+"""
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from ..cli import run_cli
+from .checkpoint_export import DEFAULT_MODEL_NAME, export_checkpoint, resolve_checkpoint
+from .model_file import read_metadata
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m transip_md.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help=f"[CHECKPOINT] OUTPUT (checkpoint defaults to the shipped '{DEFAULT_MODEL_NAME}'), "
+                        "or with --info one exported file")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--info", action="store_true", help="print the metadata of an exported file")
+    p.add_argument("--json", action="store_true", help="with --info: print raw JSON")
+    p.add_argument("--no-check", action="store_true", help="skip the eager-vs-exported fidelity check")
+    return p
+
+
+def print_info(meta: dict) -> None:
+    eq = meta.get("equivariance_error") or {}
+    val = meta.get("validation") or {}
+    training = meta.get("training") or {}
+    rows = [
+        ("format", f"{meta['kind']} v{meta['format_version']} (transip-md {meta['transip_md_version']}, torch {meta['torch_version']})"),
+        ("model", meta.get("model_name", "?")),
+        ("dtype", meta["dtype"]),
+        ("elements", " ".join(meta["elements"])),
+        ("cutoff", f"{meta['cutoff']} Å"),
+        ("layers", str(meta["num_layers"])),
+        ("receptive field", f"{meta['receptive_field']} Å (layers x cutoff)"),
+        ("units python", ", ".join(f"{k} {v}" for k, v in meta["units"]["python"].items())),
+        ("units openmm", "positions nm, box nm, energy kJ/mol"),
+        ("units lammps", "metal (Å, eV, eV/Å)"),
+        ("config", json.dumps(meta.get("model_config", {}))),
+        ("training", f"mode {training.get('mode', '?')}, {training.get('steps', '?')} steps, "
+                     f"{training.get('train_frames', '?')} frames from {training.get('train_data', '?')}"),
+        ("validation", f"energy MAE {val.get('energy_mae_mev_per_atom', float('nan')):.3g} meV/atom, "
+                       f"force MAE {val.get('force_mae_mev_per_A', float('nan')):.3g} meV/Å"),
+        ("equivariance", f"|E(Rx)-E(x)| {eq.get('energy_mev_per_atom', float('nan')):.3g} meV/atom, "
+                         f"|F(Rx)-RF(x)|/|F| {eq.get('force_relative', float('nan')):.3g}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:>{width}}  {value}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.info:
+        if len(args.paths) != 1:
+            raise ValueError("--info takes exactly one exported model file")
+        meta = read_metadata(args.paths[0])
+        print(json.dumps(meta, indent=1, sort_keys=True)) if args.json else print_info(meta)
+        return 0
+    if len(args.paths) == 1:
+        ckpt, out = None, args.paths[0]
+    elif len(args.paths) == 2:
+        ckpt, out = args.paths
+    else:
+        raise ValueError("give CHECKPOINT OUTPUT, or only OUTPUT to export the shipped model")
+    ckpt_path = resolve_checkpoint(ckpt)
+    meta = export_checkpoint(ckpt_path, out, dtype=args.dtype, check=not args.no_check)
+    fid = meta.get("fidelity_check")
+    check = (f"; exported = eager to {max(fid.values()):.1e} relative" if fid else "")
+    print(f"wrote {out} ({meta['dtype']}, elements {' '.join(meta['elements'])}, cutoff {meta['cutoff']} Å{check})")
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,122 @@
+"""From a training checkpoint to an engine file, with a fidelity self-check."""
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_checkpoint
+from .model_file import ModelFileError, export_potential, load_exported
+
+PathLike = Union[str, os.PathLike]
+
+#: Name of the model shipped inside the package (see transip_md/pretrained/MODEL_CARD.md).
+DEFAULT_MODEL_NAME = "transip-demo"
+PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
+
+#: Relative agreement required between the eager model and the exported file.
+FIDELITY_RTOL = {"float32": 5e-5, "float64": 1e-10}
+
+
+def default_checkpoint_path() -> Path:
+    path = PRETRAINED_DIR / f"{DEFAULT_MODEL_NAME}.ckpt.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"the shipped default model is missing from the installation: {path}")
+    return path
+
+
+def resolve_checkpoint(name_or_path: Union[str, None]) -> Path:
+    """``None`` or the default model's name mean the shipped checkpoint."""
+    if name_or_path is None or name_or_path == DEFAULT_MODEL_NAME:
+        return default_checkpoint_path()
+    return Path(name_or_path)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TRANSIP_MD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "transip-md")
+    return Path(root)
+
+
+def default_model_path(dtype: str = "float32") -> Path:
+    """An exported file of the shipped model (exported once into the user cache)."""
+    ckpt = default_checkpoint_path()
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-{dtype}-{digest}.pt"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export_checkpoint(ckpt, out, dtype=dtype)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    return value
+
+
+def _probe_system(elements, dtype: torch.dtype):
+    """A small, deterministic cluster of the model's own elements for the fidelity check."""
+    from ase.data import atomic_numbers
+
+    gen = torch.Generator().manual_seed(1234)
+    z = [atomic_numbers[e] for e in elements]
+    numbers = torch.tensor([z[k % len(z)] for k in range(8)], dtype=torch.long)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(2.0)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    positions = (grid * 1.4 + 0.15 * torch.rand((8, 3), generator=gen)).to(dtype)
+    return positions, numbers
+
+
+def fidelity_check(eager, exported, dtype: str) -> Dict[str, float]:
+    """Energies/forces of eager model and exported file on a probe, open and periodic."""
+    torch_dtype = getattr(torch, dtype)
+    eager = eager.to(torch_dtype)
+    positions, numbers = _probe_system(eager.element_list(), torch_dtype)
+    zero = torch.tensor(0)
+    one = torch.tensor(1)
+    worst = {"energy": 0.0, "forces": 0.0}
+    for cell, pbc in ((torch.zeros(3, 3), torch.zeros(3, dtype=torch.bool)),
+                      (torch.tensor([[4.1, 0, 0], [0.6, 4.3, 0], [0.2, -0.4, 4.0]]),
+                       torch.ones(3, dtype=torch.bool))):
+        cell = cell.to(torch_dtype)
+        a = eager.compute(positions, numbers, cell, pbc, zero, one, True, False)
+        b = exported.compute(positions, numbers, cell, pbc, zero, one, True, False)
+        e_rel = float((a["energy"] - b["energy"]).abs() / a["energy"].abs().clamp_min(1e-12))
+        f_rel = float((a["forces"] - b["forces"]).abs().max() / a["forces"].abs().max().clamp_min(1e-12))
+        worst["energy"] = max(worst["energy"], e_rel)
+        worst["forces"] = max(worst["forces"], f_rel)
+    return worst
+
+
+def export_checkpoint(ckpt_path: PathLike, out_path: PathLike, dtype: str = "float32",
+                      check: bool = True) -> Dict[str, Any]:
+    """Export a checkpoint; with ``check`` the file is removed again if it disagrees with the
+    eager model beyond ``FIDELITY_RTOL``."""
+    ckpt = load_checkpoint(ckpt_path)
+    extra = {
+        "model_name": Path(ckpt_path).name.split(".")[0],
+        "model_config": ckpt.config.to_dict(),
+        "training": _jsonable(ckpt.training),
+        "validation": _jsonable(ckpt.metrics.get("validation", {})),
+        "equivariance_error": _jsonable(ckpt.metrics.get("equivariance_error", {})),
+        "source_checkpoint": str(Path(ckpt_path).name),
+    }
+    meta = export_potential(ckpt.potential, out_path, dtype=dtype, extra_metadata=extra)
+    if check:
+        exported = load_exported(out_path)
+        worst = fidelity_check(ckpt.potential, exported, dtype)
+        meta["fidelity_check"] = worst
+        if max(worst.values()) > FIDELITY_RTOL[dtype]:
+            Path(out_path).unlink(missing_ok=True)
+            raise ModelFileError(
+                f"exported file disagrees with the eager model (relative {worst}); nothing was written")
+    return meta

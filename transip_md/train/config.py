@@ -1,0 +1,86 @@
+"""Training configuration: a YAML file with a ``model`` and a ``training`` section.
+
+``model`` is either ``{size: s}`` (a named size, optionally with overrides) or a full
+:class:`~transip_md.model.config.ModelConfig` dictionary. Shipped configs live in
+``transip_md/configs/`` and can be named without a path (``--config transip-s``).
+"""
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import yaml
+
+from ..model.config import ModelConfig, named_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+TRAINING_MODES = ("learned", "augment", "none")
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "learned"  # learned (TransIP), augment (rotated copies only), none
+    epochs: int = 50
+    max_steps: Optional[int] = None  # stop early after this many optimiser steps
+    batch_atoms: int = 1024
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    ema_decay: Optional[float] = 0.99
+    energy_weight: float = 1.0
+    force_weight: float = 10.0
+    equivariance_weight: float = 1.0
+    grad_clip: float = 10.0
+    dtype: str = "float32"
+    device: str = "auto"
+    seed: int = 0
+    eval_rotations: int = 4
+
+    def __post_init__(self) -> None:
+        if self.mode not in TRAINING_MODES:
+            raise ValueError(f"unknown training mode '{self.mode}'; use one of {TRAINING_MODES}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got '{self.dtype}'")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _from_dict(cls, data: Dict[str, Any], what: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} keys: {', '.join(unknown)}")
+    return cls(**data)
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"config file not found: {path}")
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"no config file '{name_or_path}' and no shipped config of that name ({names})")
+
+
+def load_config(name_or_path: str) -> Tuple[ModelConfig, TrainConfig]:
+    path = resolve_config_path(name_or_path)
+    with open(path) as fh:
+        raw = yaml.safe_load(fh) or {}
+    unknown = sorted(set(raw) - {"model", "training"})
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {', '.join(unknown)} (use model, training)")
+    model_raw = dict(raw.get("model") or {})
+    size = model_raw.pop("size", None)
+    if size is not None:
+        base = named_config(size).to_dict()
+        base.update(model_raw)
+        model_cfg = ModelConfig.from_dict(base)
+    else:
+        model_cfg = ModelConfig.from_dict(model_raw)
+    train_cfg = _from_dict(TrainConfig, dict(raw.get("training") or {}), "training")
+    return model_cfg, train_cfg

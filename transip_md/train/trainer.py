@@ -1,0 +1,262 @@
+"""The training loop: energy + force losses, optional learned-equivariance loss, AdamW + warmup/cosine
+schedule, EMA, per-epoch validation, best checkpoint, resume and a learning curve."""
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
+from ..data.frames import Frame
+from ..data.splits import batches_by_atoms
+from ..metrics import accuracy, equivariance_error
+from ..model.config import MAX_ATOMIC_NUMBER, ModelConfig
+from ..model.equivariance import EquivarianceNetwork
+from ..model.potential import TransIPPotential
+from .batch import collate, fit_element_energies, force_rms, make_rotations, predict, rotate_batch
+from .config import TrainConfig
+
+CHECKPOINT_NAME = "ckpt.pt"
+RESUME_NAME = "last.pt"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def initialise_potential(cfg: ModelConfig, frames: Sequence[Frame], dtype: torch.dtype) -> TransIPPotential:
+    """A fresh potential with element references and scale fitted to the training frames."""
+    potential = TransIPPotential(cfg).to(dtype)
+    elements = sorted({int(z) for f in frames for z in f.numbers})
+    for z in elements:
+        if not 1 <= z <= MAX_ATOMIC_NUMBER:
+            raise ValueError(f"training data contains atomic number {z}, outside 1..{MAX_ATOMIC_NUMBER}")
+    potential.supported_elements[elements] = True
+    refs = fit_element_energies(frames, MAX_ATOMIC_NUMBER)
+    potential.network.element_energy.copy_(torch.as_tensor(refs, dtype=dtype))
+    potential.network.energy_scale.fill_(force_rms(frames))
+    return potential
+
+
+class Trainer:
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, train: Sequence[Frame],
+                 val: Sequence[Frame], out_dir: Path, progress: bool = True,
+                 provenance: Optional[Dict[str, Any]] = None):
+        if not train:
+            raise ValueError("the training set is empty")
+        if not val:
+            raise ValueError("the validation set is empty")
+        self.model_cfg, self.cfg = model_cfg, cfg
+        self.train_frames, self.val_frames = list(train), list(val)
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.provenance = provenance or {}
+        self.device = pick_device(cfg.device)
+        self.dtype = getattr(torch, cfg.dtype)
+        torch.manual_seed(cfg.seed)
+        self.potential = initialise_potential(model_cfg, self.train_frames, self.dtype).to(self.device)
+        self.eqnet = (EquivarianceNetwork(model_cfg).to(self.device, self.dtype)
+                      if cfg.mode == "learned" else None)
+        params = list(self.potential.parameters()) + (list(self.eqnet.parameters()) if self.eqnet else [])
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = max(1, sum(1 for _ in batches_by_atoms(self.train_frames, cfg.batch_atoms, False, 0)))
+        total = steps_per_epoch * cfg.epochs
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.ema = copy.deepcopy(self.potential) if cfg.ema_decay else None
+        self.rng = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.epoch = 0
+        self.best_score = math.inf
+        self.history: List[Dict[str, float]] = []
+
+    # ---------------------------------------------------------------- schedule and EMA
+    def _lr_factor(self, step: int) -> float:
+        warm = max(1, self.cfg.warmup_steps)
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, self.total_steps - warm))
+        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = self.cfg.ema_decay
+        for pe, p in zip(self.ema.parameters(), self.potential.parameters()):
+            pe.mul_(d).add_(p, alpha=1.0 - d)
+
+    def eval_model(self) -> TransIPPotential:
+        return self.ema if self.ema is not None else self.potential
+
+    # ---------------------------------------------------------------- losses
+    def _losses(self, batch) -> Dict[str, torch.Tensor]:
+        scale = self.potential.network.energy_scale
+        cfg = self.cfg
+
+        def data_loss(b, energy, forces):
+            e_mask = torch.isfinite(b.energy)
+            f_mask = torch.isfinite(b.forces).all(1)
+            e = ((energy - b.energy)[e_mask] / b.n_atoms[e_mask] / scale).pow(2).mean() if e_mask.any() else energy.sum() * 0
+            f = ((forces - b.forces)[f_mask] / scale).pow(2).mean() if f_mask.any() else forces.sum() * 0
+            return e, f
+
+        if cfg.mode == "augment":
+            batch = rotate_batch(batch, make_rotations(batch.n_systems, self.rng, self.dtype, self.device))
+        energy, forces, hidden = predict(self.potential, batch, create_graph=True)
+        e_loss, f_loss = data_loss(batch, energy, forces)
+        out = {"energy": e_loss, "forces": f_loss}
+        if cfg.mode == "learned":
+            rot = make_rotations(batch.n_systems, self.rng, self.dtype, self.device)
+            rbatch = rotate_batch(batch, rot)
+            energy_r, forces_r, hidden_r = predict(self.potential, rbatch, create_graph=True)
+            e_r, f_r = data_loss(rbatch, energy_r, forces_r)
+            out["energy"] = 0.5 * (e_loss + e_r)
+            out["forces"] = 0.5 * (f_loss + f_r)
+            out["equivariance"] = self.eqnet.loss(hidden, hidden_r, rot[batch.system])
+        total = cfg.energy_weight * out["energy"] + cfg.force_weight * out["forces"]
+        if "equivariance" in out:
+            total = total + cfg.equivariance_weight * out["equivariance"]
+        out["total"] = total
+        return out
+
+    # ---------------------------------------------------------------- loop
+    def run(self) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress,
+                   desc=f"train[{cfg.mode}]", unit="step")
+        start = time.time()
+        while self.epoch < cfg.epochs and self.step < self.total_steps:
+            self.potential.train()
+            sums: Dict[str, float] = {}
+            count = 0
+            for frames in batches_by_atoms(self.train_frames, cfg.batch_atoms, True, cfg.seed + self.epoch):
+                if self.step >= self.total_steps:
+                    break
+                batch = collate(frames, self.dtype, self.device)
+                losses = self._losses(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self._update_ema()
+                self.step += 1
+                count += 1
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(losses['total'].detach()):.4g}")
+            self.epoch += 1
+            self._validate_and_save({k: v / max(count, 1) for k, v in sums.items()}, time.time() - start)
+        bar.close()
+        self._finalise()
+        return self.out_dir / CHECKPOINT_NAME
+
+    def _validate_and_save(self, train_losses: Dict[str, float], elapsed: float) -> None:
+        model = self.eval_model()
+        model.eval()
+        val = accuracy(model, self.val_frames)
+        score = val["energy_mae_mev_per_atom"] + val["force_mae_mev_per_A"]
+        record = {"epoch": self.epoch, "step": self.step, "elapsed_s": elapsed,
+                  "lr": self.scheduler.get_last_lr()[0],
+                  **{f"train_{k}": v for k, v in train_losses.items()},
+                  "val_energy_mae_mev_per_atom": val["energy_mae_mev_per_atom"],
+                  "val_force_mae_mev_per_A": val["force_mae_mev_per_A"]}
+        self.history.append(record)
+        if score < self.best_score:
+            self.best_score = score
+            save_checkpoint(self.out_dir / CHECKPOINT_NAME, model, self.model_cfg,
+                            training=self._training_info(), metrics={"validation": val},
+                            equivariance_state=self.eqnet.state_dict() if self.eqnet else None)
+        self._save_resume_state()
+        (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1))
+        self._plot()
+
+    def _training_info(self) -> Dict[str, Any]:
+        return {"mode": self.cfg.mode, "steps": self.step, "epochs": self.epoch,
+                "config": self.cfg.to_dict(), "train_frames": len(self.train_frames),
+                "val_frames": len(self.val_frames), **self.provenance}
+
+    def _save_resume_state(self) -> None:
+        state = {
+            "kind": "transip-md-resume", "step": self.step, "epoch": self.epoch,
+            "best_score": self.best_score, "history": self.history,
+            "model_config": self.model_cfg.to_dict(), "train_config": self.cfg.to_dict(),
+            "potential": self.potential.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else {},
+            "eqnet": self.eqnet.state_dict() if self.eqnet is not None else {},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": self.rng.get_state(),
+        }
+        atomic_torch_save(state, self.out_dir / RESUME_NAME)
+
+    def resume(self) -> None:
+        path = self.out_dir / RESUME_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"cannot resume: {path} does not exist")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if state.get("kind") != "transip-md-resume":
+            raise ValueError(f"{path} is not a transip-md resume state")
+        if state["model_config"] != self.model_cfg.to_dict():
+            raise ValueError(f"cannot resume from {path}: its model config differs from this run's")
+        self.potential.load_state_dict(state["potential"])
+        if self.ema is not None and state["ema"]:
+            self.ema.load_state_dict(state["ema"])
+        if self.eqnet is not None and state["eqnet"]:
+            self.eqnet.load_state_dict(state["eqnet"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.rng.set_state(state["rng"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.best_score, self.history = state["best_score"], state["history"]
+
+    def _finalise(self) -> None:
+        """Measure the equivariance error of the best model and store it in the checkpoint."""
+        path = self.out_dir / CHECKPOINT_NAME
+        ckpt = load_checkpoint(path, map_location=str(self.device))
+        model = ckpt.potential.to(self.device)
+        eq = equivariance_error(model, self.val_frames, n_rotations=self.cfg.eval_rotations,
+                                seed=self.cfg.seed)
+        metrics = dict(ckpt.metrics)
+        metrics["equivariance_error"] = eq
+        save_checkpoint(path, model, ckpt.config, training=ckpt.training, metrics=metrics,
+                        equivariance_state=ckpt.equivariance_state)
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] for r in self.history]
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        axes[0].plot(epochs, [r["val_energy_mae_mev_per_atom"] for r in self.history], "o-")
+        axes[0].set_ylabel("val energy MAE (meV/atom)")
+        axes[1].plot(epochs, [r["val_force_mae_mev_per_A"] for r in self.history], "o-")
+        axes[1].set_ylabel("val force MAE (meV/Å)")
+        for ax in axes:
+            ax.set_xlabel("epoch")
+            ax.set_yscale("log")
+        fig.suptitle(f"TransIP training ({self.cfg.mode})")
+        fig.tight_layout()
+        tmp = self.out_dir / ".learning_curve.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(self.out_dir / "learning_curve.png")
+
+
+def describe(frames: Sequence[Frame]) -> Dict[str, Any]:
+    return {"frames": len(frames), "atoms": int(np.sum([len(f) for f in frames]))}
