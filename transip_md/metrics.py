@@ -9,7 +9,7 @@ import torch
 from .data.frames import Frame
 from .data.splits import batches_by_atoms
 from .model.potential import TransIPPotential
-from .train.batch import collate, make_rotations, predict, rotate_batch
+from .batch import collate, make_rotations, predict, rotate_batch
 from .units import MEV_PER_EV
 
 

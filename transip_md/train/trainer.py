@@ -19,7 +19,7 @@ from ..metrics import accuracy, equivariance_error
 from ..model.config import MAX_ATOMIC_NUMBER, ModelConfig
 from ..model.equivariance import EquivarianceNetwork
 from ..model.potential import TransIPPotential
-from .batch import collate, fit_element_energies, force_rms, make_rotations, predict, rotate_batch
+from ..batch import collate, fit_element_energies, force_rms, make_rotations, predict, rotate_batch
 from .config import TrainConfig
 
 CHECKPOINT_NAME = "ckpt.pt"

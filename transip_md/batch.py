@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.frames import Frame
-from ..model.neighbors import neighbor_pairs
-from ..model.potential import TransIPPotential
+from .data.frames import Frame
+from .model.neighbors import neighbor_pairs
+from .model.potential import TransIPPotential
 
 
 @dataclass
@@ -126,7 +126,7 @@ def force_rms(frames: Sequence[Frame]) -> float:
 
 
 def make_rotations(n: int, generator: torch.Generator, dtype: torch.dtype, device) -> Tensor:
-    from ..model.equivariance import random_rotations
+    from .model.equivariance import random_rotations
 
     return random_rotations(n, dtype=dtype, generator=generator, device=device)
 

@@ -1,0 +1,166 @@
+"""The exported file: fidelity to the eager model, metadata, validation, ASE calculator."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+
+from conftest import make_potential, system_tensors
+from transip_md.calculator import TransIPCalculator
+from transip_md.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from transip_md.export import (FORMAT_VERSION, ModelFileError, export_checkpoint, export_potential,
+                               load_exported, read_metadata)
+from transip_md.model import named_config
+from transip_md.systems import water_box
+
+
+def _systems():
+    oh = molecule("H2O")
+    oh.pop(2)
+    acetate = molecule("CH3COOH")
+    acetate.pop(7)  # the acid H
+    small = water_box(2, seed=3, triclinic=True)
+    return {
+        "ethanol": (molecule("CH3CH2OH"), 0, 1),
+        "hydroxide": (oh, -1, 1),
+        "acetate": (acetate, -1, 1),
+        "water_box": (water_box(27, seed=1), 0, 1),
+        "triclinic": (water_box(27, seed=2, triclinic=True), 0, 1),
+        "small_cell": (small, 0, 1),
+    }
+
+
+@pytest.mark.parametrize("name", list(_systems()))
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-10), ("float32", 2e-5)])
+def test_exported_file_reproduces_eager_model(tmp_path, name, dtype, rtol):
+    atoms, charge, spin = _systems()[name]
+    torch_dtype = getattr(torch, dtype)
+    eager = make_potential(dtype=torch_dtype)
+    path = tmp_path / "m.pt"
+    export_potential(eager, path, dtype=dtype)
+    exported = load_exported(path)
+    args = (*system_tensors(atoms, torch_dtype), torch.tensor(charge), torch.tensor(spin))
+    periodic = bool(atoms.pbc.any())
+    for _ in range(2):  # the second call runs the optimised TorchScript graph
+        a = eager.compute(*args, True, periodic)
+        b = exported.compute(*args, True, periodic)
+        assert abs(float(a["energy"] - b["energy"])) <= rtol * abs(float(a["energy"])) + 1e-12
+        # forces: norm-relative (float32 round-off of individual small components is larger)
+        f_err = float((a["forces"] - b["forces"]).norm() / a["forces"].norm())
+        assert f_err <= rtol, f_err
+        if periodic:
+            s_err = float((a["stress"] - b["stress"]).norm() / a["stress"].norm())
+            assert s_err <= 10 * rtol, s_err
+
+
+def test_metadata_and_info_cli(tmp_path):
+    pot = make_potential()
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(ckpt, pot, named_config("tiny"), training={"mode": "learned", "steps": 7},
+                    metrics={"equivariance_error": {"energy_mev_per_atom": 0.5, "force_relative": 0.1}})
+    out = subprocess.run([sys.executable, "-m", "transip_md.export", str(ckpt), str(tmp_path / "m.pt")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    meta = read_metadata(tmp_path / "m.pt")
+    assert meta["format_version"] == FORMAT_VERSION and meta["dtype"] == "float32"
+    assert meta["elements"] == ["H", "C", "N", "O"]
+    assert meta["cutoff"] == 4.0 and meta["num_layers"] == 2 and meta["receptive_field"] == 8.0
+    assert meta["training"]["steps"] == 7 and meta["equivariance_error"]["force_relative"] == 0.1
+    assert meta["units"]["openmm"]["energy"] == "kJ/mol"
+    module = load_exported(tmp_path / "m.pt")
+    assert json.loads(module.metadata_json)["elements"] == meta["elements"]
+    info = subprocess.run([sys.executable, "-m", "transip_md.export", "--info", str(tmp_path / "m.pt")],
+                          capture_output=True, text=True)
+    assert info.returncode == 0 and "receptive field" in info.stdout and "8.0 Å" in info.stdout
+
+
+def test_export_errors_leave_no_output(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "transip_md.export", *map(str, args)],
+                              capture_output=True, text=True)
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage" * 100)
+    cases = {
+        "missing": (tmp_path / "nope.pt", "not found"),
+        "corrupt": (corrupt, "not a transip-md checkpoint"),
+    }
+    for name, (src, message) in cases.items():
+        out = run(src, tmp_path / f"{name}.out.pt")
+        assert out.returncode == 2 and message in out.stderr, (name, out.stderr)
+        assert not (tmp_path / f"{name}.out.pt").exists()
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "foreign.pt")
+    out = run(tmp_path / "foreign.pt", tmp_path / "f.out.pt")
+    assert out.returncode == 2 and "bare state_dict" in out.stderr
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(ckpt, make_potential(), named_config("tiny"))
+    out = run(ckpt, tmp_path / "no_such_dir" / "m.pt")
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    assert not list(tmp_path.glob("**/.m.pt*"))
+
+
+def test_checkpoint_round_trip_and_version_guard(tmp_path):
+    pot = make_potential()
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, pot, named_config("tiny"), training={"mode": "none"})
+    back = load_checkpoint(path)
+    atoms = molecule("CH3OH")
+    args = (*system_tensors(atoms), torch.tensor(0), torch.tensor(1), True, False)
+    assert float(back.potential.compute(*args)["energy"]) == float(pot.compute(*args)["energy"])
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 99
+    torch.save(payload, tmp_path / "newer.pt")
+    with pytest.raises(CheckpointError, match="newer"):
+        load_checkpoint(tmp_path / "newer.pt")
+    (tmp_path / "trunc.pt").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "trunc.pt")
+
+
+def test_model_file_version_guard(tmp_path):
+    pot = make_potential()
+    pot.format_version = 99
+    path = tmp_path / "future.pt"
+    meta = {"kind": "transip-md-model", "format_version": 99}
+    torch.jit.save(torch.jit.script(pot), str(path), _extra_files={"metadata.json": json.dumps(meta)})
+    with pytest.raises(ModelFileError, match="newer"):
+        load_exported(path)
+    with pytest.raises(ModelFileError, match="checkpoint"):
+        ckpt = tmp_path / "ckpt.pt"
+        save_checkpoint(ckpt, make_potential(), named_config("tiny"))
+        load_exported(ckpt)
+
+
+def test_ase_calculator_properties_and_errors(exported_tiny64):
+    calc = TransIPCalculator(str(exported_tiny64))
+    atoms = water_box(8, seed=0, triclinic=True)
+    atoms.calc = calc
+    energy = atoms.get_potential_energy()
+    forces = atoms.get_forces()
+    energies = atoms.get_potential_energies()
+    assert abs(energies.sum() - energy) < 1e-10
+    assert abs(forces.sum(0)).max() < 1e-10  # Newton's third law: no net force
+    # stress by finite differences of a uniform strain
+    stress = atoms.get_stress(voigt=False)
+    h = 1e-5
+    cell0 = atoms.cell.array.copy()
+    ep, em = atoms.copy(), atoms.copy()
+    ep.calc, em.calc = calc, calc
+    ep.set_cell(cell0 * (1 + h), scale_atoms=True)
+    em.set_cell(cell0 * (1 - h), scale_atoms=True)
+    trace = (ep.get_potential_energy() - em.get_potential_energy()) / (2 * h) / atoms.get_volume()
+    assert abs(np.trace(stress) - trace) < 1e-7
+    mol = molecule("CH3CH2Cl")
+    mol.calc = calc
+    with pytest.raises(ValueError, match="element Cl"):
+        mol.get_potential_energy()
+    ion = molecule("H2O")
+    ion.calc = calc
+    e_neutral = ion.get_potential_energy()
+    ion.info["charge"] = 1
+    ion.calc = TransIPCalculator(str(exported_tiny64))
+    assert abs(ion.get_potential_energy() - e_neutral) > 1e-6

@@ -1,0 +1,204 @@
+"""Physics of the model itself: conservative forces, invariances, locality, periodic images."""
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+
+from conftest import make_potential, system_tensors
+from transip_md.model.neighbors import neighbor_pairs
+from transip_md.systems import water_box
+
+ZERO, ONE = torch.tensor(0), torch.tensor(1)
+
+
+def energy(pot, pos, z, cell, pbc, charge=ZERO, spin=ONE):
+    return float(pot.compute(pos, z, cell, pbc, charge, spin, False, False)["energy"])
+
+
+def central_difference_forces(pot, pos, z, cell, pbc, atoms, h=1e-5):
+    out = torch.zeros((pos.shape[0], 3), dtype=torch.float64)
+    for i in atoms:
+        for a in range(3):
+            p, m = pos.clone(), pos.clone()
+            p[i, a] += h
+            m[i, a] -= h
+            out[i, a] = -(energy(pot, p, z, cell, pbc) - energy(pot, m, z, cell, pbc)) / (2 * h)
+    return out
+
+
+def test_forces_are_minus_energy_gradient(potential64):
+    atoms = molecule("CH3CH2OH")
+    pos, z, cell, pbc = system_tensors(atoms)
+    forces = potential64.compute(pos, z, cell, pbc, ZERO, ONE, True, False)["forces"]
+    idx = list(range(len(atoms)))
+    fd = central_difference_forces(potential64, pos, z, cell, pbc, idx)
+    assert forces.abs().max() > 1e-2, "forces suspiciously small for a meaningful check"
+    np.testing.assert_allclose(forces[idx].numpy(), fd[idx].numpy(), atol=1e-7, rtol=1e-6)
+
+
+def test_energy_and_forces_continuous_when_atom_crosses_cutoff(potential64):
+    """Move atom 3 through r = rc of atom 0 (its only neighbour): no jump in energy or forces.
+
+    The envelope vanishes with two derivatives at rc, so within 1e-3 Å of the crossing the
+    energy changes by O(1e-9) and the force on the crossing atom is O(1e-6) at most.
+    """
+    rc = potential64.cutoff
+    pos = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.1, 0.0], [-rc, 0.0, 0.0]],
+                       dtype=torch.float64)
+    z = torch.tensor([8, 1, 1, 7])
+    cell, pbc = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.bool)
+    es, fs = [], []
+    for x in np.linspace(rc - 1e-3, rc + 1e-3, 21):
+        p = pos.clone()
+        p[3, 0] = -float(x)
+        out = potential64.compute(p, z, cell, pbc, ZERO, ONE, True, False)
+        es.append(float(out["energy"]))
+        fs.append(out["forces"].numpy().copy())
+    steps_e = np.abs(np.diff(es))
+    steps_f = np.abs(np.diff(np.array(fs), axis=0)).max()
+    assert steps_e.max() < 1e-8 and steps_f < 1e-5
+    assert np.abs(np.array(fs)[:, 3]).max() < 1e-5
+    assert es[-1] == es[-2]  # beyond the cutoff atom 3 no longer interacts at all
+    # finite-difference check right at the crossing, atom 3 straddles rc
+    p = pos.clone()
+    p[3, 0] = -(rc - 2e-6)
+    fd = central_difference_forces(potential64, p, z, cell, pbc, [3], h=1e-5)
+    f = potential64.compute(p, z, cell, pbc, ZERO, ONE, True, False)["forces"]
+    np.testing.assert_allclose(f[3].numpy(), fd[3].numpy(), atol=1e-8)
+
+
+def test_translation_and_permutation_invariance(potential64):
+    atoms = molecule("CH3CONH2")
+    pos, z, cell, pbc = system_tensors(atoms)
+    ref = potential64.compute(pos, z, cell, pbc, ZERO, ONE, True, False)
+    moved = potential64.compute(pos + torch.tensor([3.3, -7.1, 12.9], dtype=torch.float64),
+                                z, cell, pbc, ZERO, ONE, True, False)
+    assert abs(float(moved["energy"] - ref["energy"])) < 1e-10
+    torch.testing.assert_close(moved["forces"], ref["forces"], atol=1e-10, rtol=0)
+    perm = torch.randperm(len(atoms), generator=torch.Generator().manual_seed(3))
+    permuted = potential64.compute(pos[perm], z[perm], cell, pbc, ZERO, ONE, True, False)
+    assert abs(float(permuted["energy"] - ref["energy"])) < 1e-10
+    torch.testing.assert_close(permuted["forces"], ref["forces"][perm], atol=1e-10, rtol=0)
+
+
+def test_model_is_not_rotation_invariant_by_construction(potential64):
+    """Rotation behaviour is learned, not built in: an untrained model must show it."""
+    atoms = molecule("CH3OH")
+    pos, z, cell, pbc = system_tensors(atoms)
+    rot = torch.tensor(
+        [[0.36, 0.48, -0.8], [-0.8, 0.6, 0.0], [0.48, 0.64, 0.6]], dtype=torch.float64)
+    e0 = energy(potential64, pos, z, cell, pbc)
+    e1 = energy(potential64, pos @ rot.T, z, cell, pbc)
+    assert abs(e1 - e0) > 1e-8
+
+
+@pytest.mark.parametrize("triclinic", [False, True])
+def test_periodic_box_equals_explicit_replicas(potential64, triclinic):
+    """Energy per cell of a periodic box = centre-cell energy of an explicitly replicated block."""
+    atoms = water_box(8, seed=1, triclinic=triclinic)
+    pos, z, cell, pbc = system_tensors(atoms)
+    ref = potential64.compute(pos, z, cell, pbc, ZERO, ONE, True, True)
+    n = len(atoms)
+    reach = potential64.receptive_field
+    heights = atoms.cell.volume / np.linalg.norm(np.cross(atoms.cell[[1, 2, 0]], atoms.cell[[2, 0, 1]]), axis=1)
+    reps = [int(np.ceil(reach / h)) for h in heights]
+    shifts = [(a, b, c) for a in range(-reps[0], reps[0] + 1) for b in range(-reps[1], reps[1] + 1)
+              for c in range(-reps[2], reps[2] + 1)]
+    shifts.sort(key=lambda s: sum(abs(v) for v in s))  # centre copy first
+    block = torch.cat([pos + torch.tensor(s, dtype=torch.float64) @ cell for s in shifts])
+    zb = z.repeat(len(shifts))
+    i, j, _ = neighbor_pairs(block, torch.zeros(3, 3, dtype=torch.float64),
+                             torch.zeros(3, dtype=torch.bool), potential64.cutoff)
+    e_local, forces = potential64.lammps(block, zb, i, j, n, ZERO, ONE)
+    assert abs(float(e_local.sum() - ref["energy"])) < 1e-9
+    summed = forces.reshape(len(shifts), n, 3).sum(0)
+    torch.testing.assert_close(summed, ref["forces"], atol=1e-9, rtol=0)
+
+
+def test_small_cell_with_many_images_and_stress(potential64):
+    """A cell thinner than the cutoff: multiple images; stress = (1/V) dE/dstrain."""
+    atoms = water_box(2, seed=4, triclinic=True)
+    pos, z, cell, pbc = system_tensors(atoms)
+    assert min(atoms.cell.cellpar()[:3]) < potential64.cutoff
+    out = potential64.compute(pos, z, cell, pbc, ZERO, ONE, True, True)
+    vol = abs(float(torch.linalg.det(cell)))
+    h = 1e-6
+    for a, b in [(0, 0), (1, 2), (2, 1), (0, 1)]:
+        eps = torch.zeros(3, 3, dtype=torch.float64)
+        eps[a, b] = eps[b, a] = h / 2 if a != b else h
+        de = (energy(potential64, pos @ (torch.eye(3, dtype=torch.float64) + eps), z,
+                     cell @ (torch.eye(3, dtype=torch.float64) + eps), pbc)
+              - energy(potential64, pos @ (torch.eye(3, dtype=torch.float64) - eps), z,
+                       cell @ (torch.eye(3, dtype=torch.float64) - eps), pbc)) / (2 * h)
+        # symmetric strain with eps_ab = eps_ba = h/2: dE/dh = V * stress_ab
+        assert abs(float(out["stress"][a, b]) - de / vol) < 1e-8, (a, b)
+
+
+def test_wrapping_atoms_by_lattice_vectors_changes_nothing(potential64):
+    atoms = water_box(8, seed=2, triclinic=True)
+    pos, z, cell, pbc = system_tensors(atoms)
+    ref = potential64.compute(pos, z, cell, pbc, ZERO, ONE, True, True)
+    k = torch.tensor([[2, -1, 0]] * 10 + [[0, 0, 0]] * (len(atoms) - 10), dtype=torch.float64)
+    out = potential64.compute(pos + k @ cell, z, cell, pbc, ZERO, ONE, True, True)
+    assert abs(float(out["energy"] - ref["energy"])) < 1e-9
+    torch.testing.assert_close(out["forces"], ref["forces"], atol=1e-9, rtol=0)
+    torch.testing.assert_close(out["stress"], ref["stress"], atol=1e-10, rtol=0)
+
+
+def test_isolated_atom_has_finite_energy_and_zero_force(potential64):
+    pos = torch.zeros((1, 3), dtype=torch.float64)
+    out = potential64.compute(pos, torch.tensor([8]), torch.zeros(3, 3, dtype=torch.float64),
+                              torch.zeros(3, dtype=torch.bool), ZERO, ONE, True, False)
+    assert np.isfinite(float(out["energy"]))
+    assert float(out["forces"].abs().max()) == 0.0
+
+
+def test_charge_and_spin_change_the_energy(potential64):
+    atoms = molecule("H2O")
+    pos, z, cell, pbc = system_tensors(atoms)
+    e0 = energy(potential64, pos, z, cell, pbc)
+    assert abs(energy(potential64, pos, z, cell, pbc, charge=torch.tensor(-1)) - e0) > 1e-6
+    assert abs(energy(potential64, pos, z, cell, pbc, spin=torch.tensor(3)) - e0) > 1e-6
+
+
+def test_cell_list_matches_brute_force():
+    atoms = water_box(300, seed=5, triclinic=True)
+    pos = torch.tensor(atoms.positions)
+    cell = torch.tensor(np.asarray(atoms.cell))
+    pbc = torch.ones(3, dtype=torch.bool)
+    a = neighbor_pairs(pos, cell, pbc, 5.0, brute_force_limit=0)
+    b = neighbor_pairs(pos, cell, pbc, 5.0, brute_force_limit=10**12)
+    key = lambda p: sorted(zip(p[0].tolist(), p[1].tolist(), map(tuple, p[2].tolist())))  # noqa: E731
+    assert len(a[0]) > 10 * len(atoms)
+    assert key(a) == key(b)
+    # and against ASE's neighbour list
+    from ase.neighborlist import neighbor_list
+
+    i, j = neighbor_list("ij", atoms, 5.0)
+    assert len(i) == len(a[0])
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("nan", "not finite"), ("empty", "empty structure"), ("element", "element Cl"),
+    ("overlap", "same position"), ("charge", "total charge"), ("cell", "zero length"),
+])
+def test_bad_inputs_raise_clear_errors(potential64, bad, message):
+    atoms = molecule("H2O")
+    pos, z, cell, pbc = system_tensors(atoms)
+    charge = ZERO
+    if bad == "nan":
+        pos[1, 2] = float("nan")
+    elif bad == "empty":
+        pos, z = pos[:0], z[:0]
+    elif bad == "element":
+        z[2] = 17
+    elif bad == "overlap":
+        pos[2] = pos[1]
+    elif bad == "charge":
+        charge = torch.tensor(40)
+    elif bad == "cell":
+        cell = torch.zeros(3, 3, dtype=torch.float64)
+        pbc = torch.ones(3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=message):
+        potential64.compute(pos, z, cell, pbc, charge, ONE, True, False)
