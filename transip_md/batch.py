@@ -25,15 +25,39 @@ class Batch:
     forces: Tensor  # [N, 3] eV/Å (NaN where unknown)
     n_atoms: Tensor  # [B]
     sources: List[str]
+    pair_i: Tensor  # [P] neighbour pairs (global atom indices), sorted by i
+    pair_j: Tensor  # [P]
+    pair_shift: Tensor  # [P, 3] integer lattice shifts (in units of the system's cell)
 
     @property
     def n_systems(self) -> int:
         return int(self.n_atoms.shape[0])
 
 
-def collate(frames: Sequence[Frame], dtype: torch.dtype, device: torch.device) -> Batch:
+def frame_pairs(frame: Frame, cutoff: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Neighbour pairs of a frame, computed once and cached on it.
+
+    The pair set does not change under rotations (distances are preserved), so training can
+    reuse it for every epoch and for the rotated copies; only displacements are recomputed.
+    """
+    cache = getattr(frame, "_pair_cache", None)
+    if cache is not None and cache[0] == cutoff:
+        return cache[1]
+    i, j, s = neighbor_pairs(torch.as_tensor(frame.positions, dtype=torch.float64),
+                             torch.as_tensor(np.asarray(frame.cell, dtype=float)),
+                             torch.as_tensor(np.asarray(frame.pbc, dtype=bool)), cutoff)
+    pairs = (i.numpy(), j.numpy(), s.numpy())
+    object.__setattr__(frame, "_pair_cache", (cutoff, pairs))
+    return pairs
+
+
+def collate(frames: Sequence[Frame], dtype: torch.dtype, device: torch.device,
+            cutoff: float) -> Batch:
     def cat(arrays) -> np.ndarray:
         return np.concatenate(arrays, axis=0)
+
+    offsets = np.concatenate([[0], np.cumsum([len(f) for f in frames])[:-1]])
+    pairs = [frame_pairs(f, cutoff) for f in frames]
 
     n_atoms = [len(f) for f in frames]
     forces = [f.forces if f.forces is not None else np.full((len(f), 3), np.nan) for f in frames]
@@ -51,6 +75,9 @@ def collate(frames: Sequence[Frame], dtype: torch.dtype, device: torch.device) -
         forces=as_t(cat(forces)),
         n_atoms=as_t(n_atoms, torch.long),
         sources=[f.source for f in frames],
+        pair_i=as_t(cat([p[0] + o for p, o in zip(pairs, offsets)]), torch.long),
+        pair_j=as_t(cat([p[1] + o for p, o in zip(pairs, offsets)]), torch.long),
+        pair_shift=as_t(cat([p[2] for p in pairs])),
     )
 
 
@@ -70,6 +97,9 @@ def rotate_batch(batch: Batch, rotations: Tensor) -> Batch:
         forces=rot_vec(batch.forces),
         n_atoms=batch.n_atoms,
         sources=batch.sources,
+        pair_i=batch.pair_i,
+        pair_j=batch.pair_j,
+        pair_shift=batch.pair_shift,
     )
 
 
@@ -78,20 +108,8 @@ def predict(
 ) -> Tuple[Tensor, Tensor, List[Tensor]]:
     """Energies [B] (eV), forces [N, 3] (eV/Å) and per-layer embeddings for a batch."""
     positions = batch.positions.detach().requires_grad_(True)
-    starts = torch.cumsum(batch.n_atoms, 0) - batch.n_atoms
-    pieces_i: List[Tensor] = []
-    pieces_j: List[Tensor] = []
-    pieces_s: List[Tensor] = []
-    for b in range(batch.n_systems):
-        lo = int(starts[b])
-        hi = lo + int(batch.n_atoms[b])
-        i, j, s = neighbor_pairs(positions[lo:hi], batch.cell[b], batch.pbc[b], potential.cutoff)
-        pieces_i.append(i + lo)
-        pieces_j.append(j + lo)
-        pieces_s.append(s @ batch.cell[b])
-    i = torch.cat(pieces_i)
-    j = torch.cat(pieces_j)
-    shift = torch.cat(pieces_s)
+    i, j = batch.pair_i, batch.pair_j
+    shift = torch.einsum("pk,pkc->pc", batch.pair_shift, batch.cell[batch.system[i]])
     energies, hidden = potential.atom_energies_from_pairs(
         positions, batch.numbers, batch.charge[batch.system], batch.spin[batch.system], i, j, shift
     )

@@ -26,7 +26,7 @@ def accuracy(
     e_err: Dict[str, List[float]] = defaultdict(list)
     f_err: Dict[str, List[float]] = defaultdict(list)
     for frames_b in batches_by_atoms(list(frames), batch_atoms, shuffle=False, seed=0):
-        batch = collate(frames_b, dtype, device)
+        batch = collate(frames_b, dtype, device, potential.cutoff)
         energy, forces, _ = predict(potential, batch)
         energy = energy.detach().cpu().numpy()
         forces = forces.detach().cpu().numpy()
@@ -72,7 +72,7 @@ def equivariance_error(
     e_dev: List[float] = []
     f_rel: List[float] = []
     for frames_b in batches_by_atoms(frames, batch_atoms, shuffle=False, seed=0):
-        batch = collate(frames_b, dtype, device)
+        batch = collate(frames_b, dtype, device, potential.cutoff)
         e0, f0, _ = predict(potential, batch)
         e0, f0 = e0.detach(), f0.detach()
         for _ in range(n_rotations):

@@ -144,7 +144,7 @@ class Trainer:
             for frames in batches_by_atoms(self.train_frames, cfg.batch_atoms, True, cfg.seed + self.epoch):
                 if self.step >= self.total_steps:
                     break
-                batch = collate(frames, self.dtype, self.device)
+                batch = collate(frames, self.dtype, self.device, self.potential.cutoff)
                 losses = self._losses(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 losses["total"].backward()
