@@ -50,7 +50,7 @@ def main() -> int:
     p.add_argument("--batch-atoms", type=int, default=512)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-val", type=int, default=400)
+    p.add_argument("--max-val", type=int, default=200)
     p.add_argument("--out", default="runs/equivariance_study")
     p.add_argument("--json", default=None)
     p.add_argument("--progress", action="store_true")
@@ -71,6 +71,7 @@ def main() -> int:
             cfg.mode, cfg.max_steps, cfg.epochs = mode, args.steps, 10**6
             cfg.batch_atoms, cfg.device, cfg.seed = args.batch_atoms, args.device, args.seed
             cfg.warmup_steps = min(cfg.warmup_steps, args.steps // 10)
+            cfg.val_interval_steps = max(1, args.steps // 10)
             result = run_one(model_cfg, cfg, subset, val, test,
                              Path(args.out) / f"{mode}-{size}", args.progress)
             rows.append({"train_frames": size, "mode": mode, **result})

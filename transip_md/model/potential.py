@@ -111,7 +111,7 @@ class TransIPPotential(nn.Module):
         ``spin`` are per atom. Differentiable with respect to positions and shift.
         """
         n_atoms = positions.shape[0]
-        vec = positions[j] - positions[i] + shift
+        vec = positions.index_select(0, j) - positions.index_select(0, i) + shift
         if self.check_inputs and vec.shape[0] > 0:
             d2 = (vec.detach() * vec.detach()).sum(1)
             k = int(torch.argmin(d2))

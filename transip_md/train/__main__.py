@@ -15,8 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m transip_md.train", description=__doc__)
     p.add_argument("--config", required=True,
                    help="shipped config name (transip-tiny, transip-xs, transip-s, transip-m) or a YAML path")
-    p.add_argument("--train", required=True, help="training frames (.extxyz, .db, .aselmdb)")
-    p.add_argument("--val", required=True, help="validation frames")
+    p.add_argument("--train", required=True, nargs="+", help="training frames (.extxyz, .db, .aselmdb; several files are joined)")
+    p.add_argument("--val", required=True, nargs="+", help="validation frames (one or more files)")
     p.add_argument("--out", required=True, help="run directory (ckpt.pt, last.pt, history.json, learning_curve.png)")
     p.add_argument("--mode", choices=TRAINING_MODES, help="override training.mode")
     p.add_argument("--epochs", type=int, help="override training.epochs")
@@ -37,10 +37,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if value is not None:
             setattr(cfg, key, value)
     cfg.__post_init__()
-    train = read_frames(args.train)
-    val = read_frames(args.val)
-    provenance = {"train_data": str(Path(args.train).resolve()), "val_data": str(Path(args.val).resolve()),
-                  "config_name": args.config}
+    train = [f for path in args.train for f in read_frames(path)]
+    val = [f for path in args.val for f in read_frames(path)]
+    provenance = {"train_data": [Path(p).name for p in args.train],
+                  "val_data": [Path(p).name for p in args.val], "config_name": args.config}
     trainer = Trainer(model_cfg, cfg, train, val, Path(args.out), progress=not args.no_progress,
                       provenance=provenance)
     if args.resume:

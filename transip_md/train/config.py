@@ -35,6 +35,9 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     eval_rotations: int = 4
+    # Validate (and maybe checkpoint) at the end of an epoch once at least this many steps
+    # passed since the last validation; small data sets have very short epochs.
+    val_interval_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in TRAINING_MODES:

@@ -65,6 +65,8 @@ class Trainer:
         self.dtype = getattr(torch, cfg.dtype)
         torch.manual_seed(cfg.seed)
         self.potential = initialise_potential(model_cfg, self.train_frames, self.dtype).to(self.device)
+        # Data were validated when read; skipping per-call checks avoids host syncs per step.
+        self.potential.check_inputs = False
         self.eqnet = (EquivarianceNetwork(model_cfg).to(self.device, self.dtype)
                       if cfg.mode == "learned" else None)
         params = list(self.potential.parameters()) + (list(self.eqnet.parameters()) if self.eqnet else [])
@@ -79,6 +81,7 @@ class Trainer:
         self.epoch = 0
         self.best_score = math.inf
         self.history: List[Dict[str, float]] = []
+        self.last_val_step = 0
 
     # ---------------------------------------------------------------- schedule and EMA
     def _lr_factor(self, step: int) -> float:
@@ -160,7 +163,11 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(losses['total'].detach()):.4g}")
             self.epoch += 1
-            self._validate_and_save({k: v / max(count, 1) for k, v in sums.items()}, time.time() - start)
+            final = self.epoch >= cfg.epochs or self.step >= self.total_steps
+            if final or self.step - self.last_val_step >= cfg.val_interval_steps:
+                self._validate_and_save({k: v / max(count, 1) for k, v in sums.items()},
+                                        time.time() - start)
+                self.last_val_step = self.step
         bar.close()
         self._finalise()
         return self.out_dir / CHECKPOINT_NAME

@@ -1,0 +1,728 @@
+/* ----------------------------------------------------------------------
+   pair_style transip: see pair_transip.h and lammps_examples/README.md.
+
+   Data flow per step (compute):
+     owned + ghost atoms of mapped types  -> positions [rows, 3], Z [rows]
+     full neighbour list incl. ghosts     -> directed edges (row_i, row_j)
+     model.lammps(...)                    -> local energies, forces on all rows
+     forces on ghosts go into atom->f; LAMMPS' reverse communication (newton
+     pair on) hands them to their owners; the virial is sum_i x_i . f_i.
+   The model is exact when ghosts reach its receptive field (layers x cutoff),
+   which init_style() guarantees through the ghost communication cutoff.
+------------------------------------------------------------------------- */
+
+#include "pair_transip.h"
+
+#include "atom.h"
+#include "comm.h"
+#include "domain.h"
+#include "error.h"
+#include "force.h"
+#include "memory.h"
+#include "neigh_list.h"
+#include "neighbor.h"
+#include "update.h"
+#include "utils.h"
+
+#include <torch/cuda.h>
+#include <torch/csrc/jit/runtime/graph_executor.h>
+
+#include <climits>
+#include <cmath>
+#include <cctype>
+#include <cstdio>
+#include <cstring>
+#include <mpi.h>
+#include <regex>
+#include <sstream>
+
+using namespace LAMMPS_NS;
+
+namespace {
+
+// Chemical symbols indexed by atomic number (index 0 is a placeholder).
+const char *const ELEMENT_SYMBOLS[] = {
+    "X",  "H",  "He", "Li", "Be", "B",  "C",  "N",  "O",  "F",  "Ne", "Na", "Mg", "Al", "Si",
+    "P",  "S",  "Cl", "Ar", "K",  "Ca", "Sc", "Ti", "V",  "Cr", "Mn", "Fe", "Co", "Ni", "Cu",
+    "Zn", "Ga", "Ge", "As", "Se", "Br", "Kr", "Rb", "Sr", "Y",  "Zr", "Nb", "Mo", "Tc", "Ru",
+    "Rh", "Pd", "Ag", "Cd", "In", "Sn", "Sb", "Te", "I",  "Xe", "Cs", "Ba", "La", "Ce", "Pr",
+    "Nd", "Pm", "Sm", "Eu", "Gd", "Tb", "Dy", "Ho", "Er", "Tm", "Yb", "Lu", "Hf", "Ta", "W",
+    "Re", "Os", "Ir", "Pt", "Au", "Hg", "Tl", "Pb", "Bi", "Po", "At", "Rn", "Fr", "Ra", "Ac",
+    "Th", "Pa", "U",  "Np", "Pu", "Am", "Cm", "Bk", "Cf", "Es", "Fm", "Md", "No", "Lr", "Rf",
+    "Db", "Sg", "Bh", "Hs", "Mt", "Ds", "Rg", "Cn", "Nh", "Fl", "Mc", "Lv", "Ts", "Og"};
+constexpr int MAX_Z = sizeof(ELEMENT_SYMBOLS) / sizeof(ELEMENT_SYMBOLS[0]) - 1;
+
+// Atomic number of an exact chemical symbol, 0 if it is none.
+int symbol_to_z(const std::string &symbol)
+{
+  for (int z = 1; z <= MAX_Z; ++z)
+    if (symbol == ELEMENT_SYMBOLS[z]) return z;
+  return 0;
+}
+
+// A symbol that differs only in letter case ("CL" -> "Cl"), or "" if none.
+std::string case_insensitive_symbol(const std::string &symbol)
+{
+  for (int z = 1; z <= MAX_Z; ++z) {
+    const std::string s = ELEMENT_SYMBOLS[z];
+    if (s.size() != symbol.size()) continue;
+    bool same = true;
+    for (size_t k = 0; k < s.size(); ++k)
+      if (std::tolower(static_cast<unsigned char>(s[k])) !=
+          std::tolower(static_cast<unsigned char>(symbol[k])))
+        same = false;
+    if (same) return s;
+  }
+  return "";
+}
+
+std::string join(const std::vector<std::string> &items, const char *sep)
+{
+  std::string out;
+  for (size_t k = 0; k < items.size(); ++k) out += (k ? sep : "") + items[k];
+  return out;
+}
+
+// TorchScript errors carry the interpreter's traceback; the user-facing
+// reason is the last non-empty line ("builtins.ValueError: element C ...").
+std::string last_line_of(const std::string &text)
+{
+  std::istringstream in(text);
+  std::string line, last;
+  while (std::getline(in, line)) {
+    const auto first = line.find_first_not_of(" \t\r");
+    if (first == std::string::npos) continue;
+    // c10 appends its own C++ backtrace after "Exception raised from"; stop there.
+    if (line.compare(first, 21, "Exception raised from") == 0) break;
+    last = line.substr(first);
+  }
+  const std::string prefix = "builtins.";
+  if (last.compare(0, prefix.size(), prefix) == 0) last = last.substr(prefix.size());
+  return last.empty() ? text : last;
+}
+
+std::string dtype_name(torch::Dtype t)
+{
+  if (t == torch::kFloat64) return "float64";
+  if (t == torch::kFloat32) return "float32";
+  if (t == torch::kFloat16) return "float16";
+  if (t == torch::kBFloat16) return "bfloat16";
+  return "unknown dtype";
+}
+
+}    // namespace
+
+/* ---------------------------------------------------------------------- */
+
+PairTransIP::PairTransIP(LAMMPS *lmp) :
+    Pair(lmp), device_request("cpu"), total_charge(0), multiplicity(1), prune(true),
+    jit_optimize(-1), device(torch::kCPU),
+    model_dtype(torch::kFloat64), model_cutoff(0.0), receptive_field(0.0), num_layers(0),
+    format_version(0), report_load(false)
+{
+  single_enable = 0;
+  restartinfo = 0;
+  one_coeff = 1;
+  manybody_flag = 1;
+  ghostneigh = 1;                          // neighbours of ghosts: message passing
+  centroidstressflag = CENTROID_NOTAVAIL;  // no per-atom virial decomposition
+  cutghost = nullptr;
+}
+
+PairTransIP::~PairTransIP()
+{
+  if (copymode) return;
+  if (allocated) {
+    memory->destroy(setflag);
+    memory->destroy(cutsq);
+    memory->destroy(cutghost);
+  }
+}
+
+void PairTransIP::allocate()
+{
+  allocated = 1;
+  const int n = atom->ntypes + 1;
+  memory->create(setflag, n, n, "pair:setflag");
+  memory->create(cutsq, n, n, "pair:cutsq");
+  memory->create(cutghost, n, n, "pair:cutghost");
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) {
+      setflag[i][j] = 0;
+      cutsq[i][j] = 0.0;
+      cutghost[i][j] = 0.0;
+    }
+  type_to_z.assign(n, 0);
+  type_symbol.assign(n, "NULL");
+}
+
+/* ----------------------------------------------------------------------
+   pair_style transip [device cpu|cuda] [charge Q] [multiplicity M] [prune yes|no]
+                      [jit_optimize yes|no]
+------------------------------------------------------------------------- */
+
+void PairTransIP::settings(int narg, char **arg)
+{
+  if (strcmp(update->unit_style, "metal") != 0)
+    error->all(FLERR,
+               "pair_style transip requires 'units metal' (Å, eV, ps); this input uses "
+               "'units {}'. TransIP models work in eV and Å: switch the input to units metal",
+               update->unit_style);
+
+  std::string new_device = "cpu";
+  int64_t new_charge = 0, new_mult = 1;
+  bool new_prune = true;
+  int new_jit = -1;
+  int iarg = 0;
+  while (iarg < narg) {
+    const std::string key = arg[iarg];
+    if (iarg + 1 >= narg)
+      error->all(FLERR, "pair_style transip: keyword '{}' needs a value", key);
+    const std::string value = arg[iarg + 1];
+    if (key == "device") {
+      if (value != "cpu" && value != "cuda")
+        error->all(FLERR, "pair_style transip: device must be 'cpu' or 'cuda', got '{}'", value);
+      new_device = value;
+    } else if (key == "charge") {
+      new_charge = utils::inumeric(FLERR, value, false, lmp);
+    } else if (key == "multiplicity" || key == "spin") {
+      new_mult = utils::inumeric(FLERR, value, false, lmp);
+      if (new_mult < 1)
+        error->all(FLERR,
+                   "pair_style transip: multiplicity is 2S+1 and must be >= 1, got {}",
+                   new_mult);
+    } else if (key == "prune") {
+      new_prune = utils::logical(FLERR, value, false, lmp) == 1;
+    } else if (key == "jit_optimize") {
+      new_jit = utils::logical(FLERR, value, false, lmp);
+    } else {
+      error->all(FLERR,
+                 "pair_style transip: unknown keyword '{}' (expected device, charge, "
+                 "multiplicity, prune or jit_optimize)",
+                 key);
+    }
+    iarg += 2;
+  }
+
+  const bool device_changed = (new_device != device_request);
+  device_request = new_device;
+  total_charge = new_charge;
+  multiplicity = new_mult;
+  prune = new_prune;
+  jit_optimize = new_jit;
+  select_device();
+  // pair_style issued again after pair_coeff: keep the model, move it if needed
+  if (model && device_changed) model->to(device);
+}
+
+void PairTransIP::select_device()
+{
+  if (device_request == "cpu") {
+    device = torch::Device(torch::kCPU);
+    return;
+  }
+  if (!torch::cuda::is_available())
+    error->all(FLERR,
+               "pair_style transip device cuda: libtorch finds no usable CUDA device "
+               "(torch::cuda::is_available() is false; no GPU visible, or a CPU-only "
+               "libtorch). Use 'device cpu' or run on a GPU node");
+  const int ndev = static_cast<int>(torch::cuda::device_count());
+  // one GPU per node-local rank, round robin
+  MPI_Comm node;
+  MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, comm->me, MPI_INFO_NULL, &node);
+  int local_rank = 0;
+  MPI_Comm_rank(node, &local_rank);
+  MPI_Comm_free(&node);
+  device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank % ndev));
+}
+
+/* ----------------------------------------------------------------------
+   pair_coeff * * model.pt El1 El2 ...  (one symbol or NULL per atom type)
+------------------------------------------------------------------------- */
+
+void PairTransIP::coeff(int narg, char **arg)
+{
+  if (!allocated) allocate();
+  const int ntypes = atom->ntypes;
+
+  if (narg < 3)
+    error->all(FLERR,
+               "pair_coeff for transip: expected 'pair_coeff * * model.pt' followed by one "
+               "element symbol (or NULL) per atom type ({} types)",
+               ntypes);
+  if (strcmp(arg[0], "*") != 0 || strcmp(arg[1], "*") != 0)
+    error->all(FLERR,
+               "pair_coeff for transip must be 'pair_coeff * * model.pt El1 El2 ...', got "
+               "'pair_coeff {} {} ...'",
+               arg[0], arg[1]);
+  const int nsym = narg - 3;
+  if (nsym != ntypes)
+    error->all(FLERR,
+               "pair_coeff for transip: got {} element symbol(s) for {} atom types; give "
+               "exactly one symbol (or NULL) per type, in type order",
+               nsym, ntypes);
+
+  load_model(arg[2]);
+
+  // map types to elements
+  std::vector<std::string> supported = model_elements;
+  int mapped = 0;
+  for (int t = 1; t <= ntypes; ++t) {
+    const std::string sym = arg[2 + t];
+    if (sym == "NULL") {
+      type_to_z[t] = 0;
+      type_symbol[t] = "NULL";
+      continue;
+    }
+    const int z = symbol_to_z(sym);
+    if (z == 0) {
+      const std::string hint = case_insensitive_symbol(sym);
+      if (!hint.empty())
+        error->all(FLERR,
+                   "pair_coeff for transip: '{}' (type {}) is not a chemical element symbol; "
+                   "did you mean '{}'? Symbols are case sensitive",
+                   sym, t, hint);
+      error->all(FLERR,
+                 "pair_coeff for transip: '{}' (type {}) is not a chemical element symbol "
+                 "(use NULL to leave a type to another pair style)",
+                 sym, t);
+    }
+    bool known = false;
+    for (const auto &s : supported)
+      if (s == sym) known = true;
+    if (!known)
+      error->all(FLERR,
+                 "pair_coeff for transip: element {} (type {}) is not supported by model '{}'; "
+                 "it knows {}",
+                 sym, t, model_path, join(supported, " "));
+    type_to_z[t] = z;
+    type_symbol[t] = sym;
+    ++mapped;
+  }
+  if (mapped == 0)
+    error->all(FLERR, "pair_coeff for transip: all atom types are NULL; map at least one");
+
+  for (int i = 1; i <= ntypes; ++i)
+    for (int j = i; j <= ntypes; ++j) {
+      const int on = (type_to_z[i] > 0 && type_to_z[j] > 0) ? 1 : 0;
+      setflag[i][j] = setflag[j][i] = on;
+    }
+
+  if (comm->me == 0) {
+    std::string mesg = fmt::format(
+        "TransIP model {}\n  format_version {}, {}, cutoff {} Å, {} layers, receptive field "
+        "{} Å, device {}\n  elements in the model: {}\n  charge {} e, multiplicity {}\n  "
+        "type map:\n",
+        model_path, format_version, dtype_name(model_dtype), model_cutoff, num_layers,
+        receptive_field, device.str(), join(supported, " "), total_charge, multiplicity);
+    for (int t = 1; t <= ntypes; ++t) {
+      if (type_to_z[t] > 0)
+        mesg += fmt::format("    type {} -> {} (Z={})\n", t, type_symbol[t], type_to_z[t]);
+      else
+        mesg += fmt::format("    type {} -> NULL (not seen by the model)\n", t);
+    }
+    utils::logmesg(lmp, mesg);
+  }
+  if (mapped < ntypes && force->pair == this && comm->me == 0)
+    error->warning(FLERR,
+                   "pair_coeff for transip: some types are NULL; atoms of those types get no "
+                   "forces from transip, so LAMMPS needs another pair style for them "
+                   "(pair_style hybrid/overlay)");
+  report_load = true;
+}
+
+// Collective: abort with the first rank's message if any rank failed.
+void PairTransIP::all_agree_or_fail(const std::string &local_error)
+{
+  int bad = local_error.empty() ? 0 : 1, any_bad = 0;
+  MPI_Allreduce(&bad, &any_bad, 1, MPI_INT, MPI_MAX, world);
+  if (!any_bad) return;
+  int root_bad = bad;
+  MPI_Bcast(&root_bad, 1, MPI_INT, 0, world);
+  if (root_bad) error->all(FLERR, local_error.empty() ? std::string("see rank 0") : local_error);
+  if (bad) error->one(FLERR, local_error);
+  // a rank that is fine waits here for the failing rank's MPI_Abort
+  MPI_Barrier(world);
+  error->all(FLERR, "pair_coeff for transip failed on another rank");
+}
+
+void PairTransIP::load_model(const std::string &path)
+{
+  model_path = path;
+  {
+    FILE *fp = fopen(path.c_str(), "rb");
+    if (!fp)
+      error->all(FLERR, "pair_coeff for transip: cannot open model file '{}': {}", path,
+                 utils::getsyserror());
+    fclose(fp);
+  }
+
+  std::string failure;
+  std::unique_ptr<torch::jit::Module> loaded;
+  try {
+    loaded = std::make_unique<torch::jit::Module>(torch::jit::load(path, device));
+  } catch (const c10::Error &e) {
+    failure = fmt::format(
+        "pair_coeff for transip: '{}' is not a loadable TorchScript model file (corrupt, "
+        "truncated, or not written by torch.jit.save / transip-md-export): {}",
+        path, last_line_of(e.what_without_backtrace()));
+  } catch (const std::exception &e) {
+    failure = fmt::format("pair_coeff for transip: cannot load model file '{}': {}", path,
+                          last_line_of(e.what()));
+  }
+  all_agree_or_fail(failure);
+
+  torch::jit::Module &m = *loaded;
+  for (const char *name : {"format_version", "cutoff", "num_layers", "receptive_field"})
+    if (!m.hasattr(name))
+      error->all(FLERR,
+                 "pair_coeff for transip: '{}' is a TorchScript file but not a TransIP model "
+                 "(it has no '{}' attribute)",
+                 path, name);
+  if (!m.find_method("lammps") || !m.find_method("element_list"))
+    error->all(FLERR,
+               "pair_coeff for transip: '{}' is a TorchScript file but not a TransIP model "
+               "(no lammps()/element_list() method)",
+               path);
+
+  format_version = m.attr("format_version").toInt();
+  if (format_version < 1)
+    error->all(FLERR,
+               "pair_coeff for transip: '{}' has format_version {}: it is a scripted model "
+               "but not an exported one; export it with transip-md-export (python -m "
+               "transip_md.export)",
+               path, format_version);
+  if (format_version > SUPPORTED_FORMAT_VERSION)
+    error->all(FLERR,
+               "pair_coeff for transip: '{}' has format_version {} but this plugin reads "
+               "format_version <= {}; rebuild the plugin from the transip-md that exported "
+               "the model (python -m transip_md.lammps build)",
+               path, format_version, SUPPORTED_FORMAT_VERSION);
+
+  model_cutoff = m.attr("cutoff").toDouble();
+  num_layers = m.attr("num_layers").toInt();
+  receptive_field = m.attr("receptive_field").toDouble();
+  if (!(model_cutoff > 0.0) || num_layers < 1 || receptive_field < model_cutoff)
+    error->all(FLERR,
+               "pair_coeff for transip: '{}' declares an invalid range (cutoff {} Å, {} "
+               "layers, receptive field {} Å)",
+               path, model_cutoff, num_layers, receptive_field);
+
+  model_elements.clear();
+  try {
+    const c10::IValue symbols = m.run_method("element_list");
+    for (const auto &item : symbols.toListRef()) model_elements.push_back(item.toStringRef());
+  } catch (const std::exception &e) {
+    error->all(FLERR, "pair_coeff for transip: element_list() of '{}' failed: {}", path,
+               last_line_of(e.what()));
+  }
+  if (model_elements.empty())
+    error->all(FLERR, "pair_coeff for transip: model '{}' supports no elements", path);
+
+  model_dtype = torch::kFloat64;
+  for (const auto &p : m.parameters()) {
+    model_dtype = p.scalar_type();
+    break;
+  }
+  m.eval();
+  model = std::move(loaded);
+}
+
+/* ---------------------------------------------------------------------- */
+
+void PairTransIP::init_style()
+{
+  if (!model) error->all(FLERR, "pair_style transip: pair_coeff * * model.pt ... is missing");
+  if (strcmp(update->unit_style, "metal") != 0)
+    error->all(FLERR, "pair_style transip requires 'units metal'; this input uses 'units {}'",
+               update->unit_style);
+  if (force->newton_pair == 0)
+    error->all(FLERR,
+               "pair_style transip requires 'newton on' (newton pair on): forces on ghost "
+               "atoms are returned to their owners by reverse communication");
+  if (domain->dimension != 3)
+    error->all(FLERR, "pair_style transip works in 3d only (dimension 3)");
+  if (comm->mode != Comm::SINGLE)
+    error->all(FLERR,
+               "pair_style transip needs comm_modify mode single (the ghost cutoff is set "
+               "from the model's receptive field)");
+
+  neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
+
+  // Ghost atoms must reach every atom that can influence an owned atom's
+  // energy: receptive field = layers x cutoff, plus the skin atoms may move
+  // between neighbour list builds.
+  const double need = receptive_field + neighbor->skin;
+  if (comm->cutghostuser < need) {
+    const double before = comm->cutghostuser;
+    comm->cutghostuser = need;
+    if (comm->me == 0) {
+      // ghost shell volume relative to an owned cube of edge a (per rank), uniform density
+      const double volume = domain->xprd * domain->yprd * domain->zprd;
+      const double a = std::cbrt(volume / comm->nprocs);
+      const double ratio = std::pow((a + 2.0 * need) / a, 3.0) - 1.0;
+      utils::logmesg(lmp,
+                     "TransIP: ghost communication cutoff set to {:.4g} Å (was {:.4g}) = "
+                     "receptive field {:.4g} Å ({} layers x {:.4g} Å) + skin {:.4g} Å\n"
+                     "TransIP: cost: LAMMPS keeps ~{:.1f} ghost atoms per owned atom for "
+                     "~{:.3g} Å subdomains (periodic, uniform density); the model sees only "
+                     "those within {} neighbour hops of owned atoms{}\n",
+                     need, before, receptive_field, num_layers, model_cutoff, neighbor->skin,
+                     ratio, a, num_layers,
+                     (prune && can_prune()) ? "" : " (pruning off: all of them)");
+    }
+  }
+}
+
+// Pruning by graph distance is exact when the receptive field is layers x
+// cutoff (each layer looks one neighbour shell further), as the model
+// contract declares; anything else is evaluated on the full ghost shell.
+bool PairTransIP::can_prune() const
+{
+  return num_layers >= 1 &&
+      std::fabs(receptive_field - double(num_layers) * model_cutoff) <= 1e-6 * receptive_field;
+}
+
+double PairTransIP::init_one(int i, int j)
+{
+  // also for NULL types (hybrid): the list only needs a cutoff, compute() skips them
+  cutghost[i][j] = cutghost[j][i] = model_cutoff;
+  return model_cutoff;
+}
+
+/* ---------------------------------------------------------------------- */
+
+// The model names atoms by their row in its input (owned atoms first, then
+// ghosts); translate those to LAMMPS atom IDs for the user.
+std::string PairTransIP::rows_to_ids(const std::string &message) const
+{
+  static const std::regex atom_rows("atoms? (?:index )?([0-9]+)(?: and ([0-9]+))?");
+  std::smatch m;
+  if (!std::regex_search(message, m, atom_rows)) return "";
+  std::string out;
+  for (int g = 1; g <= 2; ++g) {
+    if (!m[g].matched) continue;
+    const long row = std::stol(m[g].str());
+    if (row < 0 || row >= static_cast<long>(row_to_atom.size())) continue;
+    const int i = row_to_atom[row];
+    out += fmt::format("{}row {} = atom ID {}{}", out.empty() ? "" : ", ", row,
+                       atom->tag_enable ? std::to_string(atom->tag[i]) : std::string("?"),
+                       i < atom->nlocal ? "" : " (ghost image)");
+  }
+  return out.empty() ? out : " [" + out + "]";
+}
+
+[[noreturn]] void PairTransIP::model_failed(const std::string &what)
+{
+  const std::string reason = last_line_of(what);
+  error->one(FLERR, "pair_style transip: the model failed at step {}: {}{}", update->ntimestep,
+             reason, rows_to_ids(reason));
+}
+
+void PairTransIP::compute(int eflag, int vflag)
+{
+  ev_init(eflag, vflag);
+  if (vflag_atom || cvflag_atom)
+    error->all(FLERR,
+               "pair_style transip does not provide per-atom virials (compute stress/atom, "
+               "compute centroid/stress/atom); the global virial/pressure is available");
+
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  double **x = atom->x;
+  double **f = atom->f;
+  const int *type = atom->type;
+
+  const double cutsq_model = model_cutoff * model_cutoff;
+  const int ncentres = list->inum + list->gnum;
+  const int *ilist = list->ilist;
+  const int *numneigh = list->numneigh;
+  int **firstneigh = list->firstneigh;
+  const bool pruning = prune && can_prune();
+  const int64_t nlayers = num_layers;
+
+  // ---- which atoms the model needs. Without pruning: every mapped owned or
+  // ghost atom. With pruning: the energy of an owned atom after L layers
+  // depends on atoms at most L edges (each < cutoff) away, and only atoms at
+  // most L-1 edges away need neighbours of their own; a breadth-first search
+  // over the neighbour list finds them, so the rest of the ghost shell (kept
+  // for the skin) costs nothing in the model. The result is identical.
+  centre_in_list.assign(nall, 0);
+  for (int ii = 0; ii < ncentres; ++ii) centre_in_list[ilist[ii]] = 1;
+  if (pruning) {
+    hops.assign(nall, INT_MAX);
+    frontier.clear();
+    for (int i = 0; i < nlocal; ++i)
+      if (type_to_z[type[i]] > 0) {
+        hops[i] = 0;
+        frontier.push_back(i);
+      }
+    for (int level = 0; level < nlayers && !frontier.empty(); ++level) {
+      next_frontier.clear();
+      for (const int i : frontier) {
+        if (!centre_in_list[i]) continue;
+        const int *jlist = firstneigh[i];
+        for (int jj = 0; jj < numneigh[i]; ++jj) {
+          const int j = jlist[jj] & NEIGHMASK;
+          if (hops[j] <= level + 1 || type_to_z[type[j]] <= 0) continue;
+          const double dx = x[j][0] - x[i][0];
+          const double dy = x[j][1] - x[i][1];
+          const double dz = x[j][2] - x[i][2];
+          if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
+          hops[j] = level + 1;
+          next_frontier.push_back(j);
+        }
+      }
+      frontier.swap(next_frontier);
+    }
+  }
+
+  // ---- rows: needed atoms in LAMMPS order, so owned atoms come first
+  atom_to_row.assign(nall, -1);
+  row_to_atom.clear();
+  pos_buf.clear();
+  z_buf.clear();
+  int nlocal_rows = 0;
+  for (int i = 0; i < nall; ++i) {
+    const int64_t z = type_to_z[type[i]];
+    if (z <= 0) continue;
+    if (pruning && hops[i] > nlayers) continue;
+    atom_to_row[i] = static_cast<int>(row_to_atom.size());
+    row_to_atom.push_back(i);
+    pos_buf.push_back(x[i][0]);
+    pos_buf.push_back(x[i][1]);
+    pos_buf.push_back(x[i][2]);
+    z_buf.push_back(z);
+    if (i < nlocal) ++nlocal_rows;
+  }
+  const int64_t nrows = static_cast<int64_t>(row_to_atom.size());
+
+  // ---- directed edges (centre, neighbour) within the model cutoff
+  edge_i_buf.clear();
+  edge_j_buf.clear();
+  for (int ii = 0; ii < ncentres; ++ii) {
+    const int i = ilist[ii];
+    const int ri = atom_to_row[i];
+    if (ri < 0) continue;
+    if (pruning && hops[i] >= nlayers) continue;
+    const int *jlist = firstneigh[i];
+    const int jnum = numneigh[i];
+    for (int jj = 0; jj < jnum; ++jj) {
+      const int j = jlist[jj] & NEIGHMASK;
+      const int rj = atom_to_row[j];
+      if (rj < 0) continue;
+      const double dx = x[j][0] - x[i][0];
+      const double dy = x[j][1] - x[i][1];
+      const double dz = x[j][2] - x[i][2];
+      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
+      edge_i_buf.push_back(ri);
+      edge_j_buf.push_back(rj);
+    }
+  }
+  const int64_t nedges = static_cast<int64_t>(edge_i_buf.size());
+
+  if (report_load) {
+    report_load = false;
+    const double mine[4] = {double(nlocal_rows), double(nrows - nlocal_rows), double(nedges),
+                            double(atom->nghost)};
+    double sum[4], most[4], least[4];
+    MPI_Reduce(mine, sum, 4, MPI_DOUBLE, MPI_SUM, 0, world);
+    MPI_Reduce(mine, most, 4, MPI_DOUBLE, MPI_MAX, 0, world);
+    MPI_Reduce(mine, least, 4, MPI_DOUBLE, MPI_MIN, 0, world);
+    if (comm->me == 0)
+      utils::logmesg(lmp,
+                     "TransIP: model input over {} rank(s): {:.0f} owned + {:.0f} ghost atoms "
+                     "({:.2f} per owned atom; LAMMPS holds {:.0f} ghosts{}), {:.0f} edges\n"
+                     "TransIP: per rank: owned atoms {:.0f}..{:.0f}, model ghosts {:.0f}..{:.0f}\n",
+                     comm->nprocs, sum[0], sum[1], sum[0] > 0 ? sum[1] / sum[0] : 0.0, sum[3],
+                     pruning ? ", the rest cannot reach owned atoms" : "", sum[2], least[0],
+                     most[0], least[1], most[1]);
+  }
+
+  // An empty subdomain (or one holding only NULL-type atoms) has no energy
+  // of its own; its ghosts' forces come from the ranks that own neighbours.
+  if (nlocal_rows > 0) {
+    torch::Tensor energies, forces;
+    try {
+      const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+      const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+      torch::Tensor pos = torch::from_blob(pos_buf.data(), {nrows, 3}, f64);
+      torch::Tensor numbers = torch::from_blob(z_buf.data(), {nrows}, i64);
+      torch::Tensor ei = torch::from_blob(edge_i_buf.data(), {nedges}, i64);
+      torch::Tensor ej = torch::from_blob(edge_j_buf.data(), {nedges}, i64);
+      torch::Tensor q = torch::scalar_tensor(total_charge, i64);
+      torch::Tensor s = torch::scalar_tensor(multiplicity, i64);
+      if (device.is_cuda()) {
+        pos = pos.to(device, model_dtype);
+        numbers = numbers.to(device);
+        ei = ei.to(device);
+        ej = ej.to(device);
+        q = q.to(device);
+        s = s.to(device);
+      }
+      // The profiling graph executor re-specialises on every new neighbour count;
+      // on the CPU that costs more than it gains (measured 17-40% slower), so it
+      // is off there unless asked for. The setting is thread-local and restored.
+      const bool optimize = jit_optimize >= 0 ? (jit_optimize == 1) : device.is_cuda();
+      torch::jit::GraphOptimizerEnabledGuard jit_guard(optimize);
+      auto out = model->get_method("lammps")(
+          {pos, numbers, ei, ej, static_cast<int64_t>(nlocal_rows), q, s});
+      auto result = out.toTuple();
+      energies = result->elements().at(0).toTensor().to(torch::kCPU, torch::kFloat64).contiguous();
+      forces = result->elements().at(1).toTensor().to(torch::kCPU, torch::kFloat64).contiguous();
+    } catch (const c10::Error &e) {
+      model_failed(e.what_without_backtrace());
+    } catch (const std::exception &e) {
+      model_failed(e.what());
+    }
+    if (energies.dim() != 1 || energies.size(0) != nlocal_rows || forces.dim() != 2 ||
+        forces.size(0) != nrows || forces.size(1) != 3)
+    {
+      std::ostringstream got;
+      got << "lammps() returned energies of shape " << energies.sizes() << " and forces of shape "
+          << forces.sizes() << ", expected [" << nlocal_rows << "] and [" << nrows << ", 3]";
+      model_failed(got.str());
+    }
+
+    const double *fr = forces.data_ptr<double>();
+    for (int64_t r = 0; r < nrows; ++r) {
+      const int i = row_to_atom[r];
+      f[i][0] += fr[3 * r + 0];
+      f[i][1] += fr[3 * r + 1];
+      f[i][2] += fr[3 * r + 2];
+    }
+    const double *er = energies.data_ptr<double>();
+    double esum = 0.0;
+    for (int r = 0; r < nlocal_rows; ++r) {
+      esum += er[r];
+      if (eflag_atom) eatom[row_to_atom[r]] += er[r];
+    }
+    if (eflag_global) eng_vdwl += esum;
+
+    // Called with an explicit pair virial request (no fdotr, e.g. inside some
+    // hybrid setups): the virial of our own forces, sum over rows of x (x) f.
+    if (vflag_global && !vflag_fdotr) {
+      for (int64_t r = 0; r < nrows; ++r) {
+        const double *xi = x[row_to_atom[r]];
+        const double *fi = fr + 3 * r;
+        virial[0] += xi[0] * fi[0];
+        virial[1] += xi[1] * fi[1];
+        virial[2] += xi[2] * fi[2];
+        virial[3] += xi[0] * fi[1];    // same index order as virial_fdotr_compute()
+        virial[4] += xi[0] * fi[2];
+        virial[5] += xi[1] * fi[2];
+      }
+    }
+  }
+
+  if (vflag_fdotr) virial_fdotr_compute();
+}
+
+double PairTransIP::memory_usage()
+{
+  double bytes = Pair::memory_usage();
+  bytes += atom_to_row.capacity() * sizeof(int) + row_to_atom.capacity() * sizeof(int);
+  bytes += pos_buf.capacity() * sizeof(double) + z_buf.capacity() * sizeof(int64_t);
+  bytes += (edge_i_buf.capacity() + edge_j_buf.capacity()) * sizeof(int64_t);
+  return bytes;
+}

