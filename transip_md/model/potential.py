@@ -94,6 +94,27 @@ class TransIPPotential(nn.Module):
                 out.append(self.symbols[z])
         return out
 
+    def _prepare(
+        self, positions: Tensor, numbers: Tensor, cell: Tensor, pbc: Tensor, charge: Tensor,
+        spin: Tensor,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Cast to the model's dtype and move everything to the model's device.
+
+        Engines may hand over positions on the GPU and the small tensors (numbers, cell, pbc,
+        charge, spin) on the CPU; the model's parameters decide where the work happens.
+        Positions keep their autograd graph (``.to`` is differentiable).
+        """
+        dtype = self.network.energy_scale.dtype
+        device = self.network.energy_scale.device
+        return (
+            positions.to(device=device, dtype=dtype),
+            numbers.to(device=device, dtype=torch.long),
+            cell.to(device=device, dtype=dtype),
+            pbc.to(device=device, dtype=torch.bool),
+            charge.to(device),
+            spin.to(device),
+        )
+
     # ------------------------------------------------------------------ core
     def atom_energies_from_pairs(
         self,
@@ -169,11 +190,9 @@ class TransIPPotential(nn.Module):
         vectors); ``pbc`` [3] bool; ``charge``, ``spin`` scalar tensors (total charge, spin
         multiplicity).
         """
-        dtype = self.network.energy_scale.dtype
-        positions = positions.to(dtype)
-        cell = cell.to(dtype).to(positions.device)
-        pbc = pbc.to(torch.bool)
-        numbers = numbers.to(torch.long)
+        positions, numbers, cell, pbc, charge, spin = self._prepare(
+            positions, numbers, cell, pbc, charge, spin)
+        dtype = positions.dtype
         if self.check_inputs:
             self.validate(positions, numbers, charge, spin)
         periodic = bool(pbc.any())
@@ -214,11 +233,9 @@ class TransIPPotential(nn.Module):
         spin: Tensor,
     ) -> Tensor:
         """Differentiable total energy (eV) of one system; for engines that run autograd."""
-        dtype = self.network.energy_scale.dtype
-        positions = positions.to(dtype)
-        cell = cell.to(dtype).to(positions.device)
-        pbc = pbc.to(torch.bool)
-        numbers = numbers.to(torch.long)
+        positions, numbers, cell, pbc, charge, spin = self._prepare(
+            positions, numbers, cell, pbc, charge, spin)
+        dtype = positions.dtype
         if self.check_inputs:
             self.validate(positions, numbers, charge, spin)
         strain = torch.zeros((3, 3), dtype=dtype, device=positions.device)
@@ -247,8 +264,13 @@ class TransIPPotential(nn.Module):
         Exact when ghosts extend to the receptive field (layers x cutoff).
         """
         dtype = self.network.energy_scale.dtype
-        positions = positions.to(dtype)
-        numbers = numbers.to(torch.long)
+        device = self.network.energy_scale.device
+        positions = positions.to(device=device, dtype=dtype)
+        numbers = numbers.to(device=device, dtype=torch.long)
+        edge_i = edge_i.to(device)
+        edge_j = edge_j.to(device)
+        charge = charge.to(device)
+        spin = spin.to(device)
         if self.check_inputs:
             self.validate(positions, numbers, charge, spin)
         positions = positions.detach().requires_grad_(True)
