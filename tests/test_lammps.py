@@ -195,21 +195,33 @@ def test_packaged_sources_link():
 
 
 # ----------------------------------------------------------------------------- physics, serial
-def test_periodic_water_matches_model(plugin, water_data, model64, scripted):
-    res = run0_inprocess(plugin, water_data, model64)
+@pytest.mark.parametrize("ghosts", ["map", "shell"])
+def test_periodic_water_matches_model(plugin, water_data, model64, scripted, ghosts):
+    """One rank: owner-mapped ghosts (default) and the receptive-field ghost shell both exact."""
+    res = run0_inprocess(plugin, water_data, model64, style_args=f"ghosts {ghosts}")
     compare_with_reference(res, scripted, (True, True, True))
 
 
+def test_owner_mapping_equals_ghost_shell(plugin, triclinic_data, model64):
+    a = run0_inprocess(plugin, triclinic_data, model64, style_args="ghosts map")
+    b = run0_inprocess(plugin, triclinic_data, model64, style_args="ghosts shell")
+    assert abs(a["pe"] - b["pe"]) <= 1e-12 * abs(b["pe"])
+    assert np.max(np.abs(a["f"] - b["f"])) <= 1e-12
+    assert rel_err(a["virial"], b["virial"]) <= 1e-12
+    assert rel_err(a["peatom"], b["peatom"]) <= 1e-12
+
+
 def test_prune_is_exact(plugin, water_data, model64):
-    a = run0_inprocess(plugin, water_data, model64, style_args="prune yes")
-    b = run0_inprocess(plugin, water_data, model64, style_args="prune no")
+    a = run0_inprocess(plugin, water_data, model64, style_args="ghosts shell prune yes")
+    b = run0_inprocess(plugin, water_data, model64, style_args="ghosts shell prune no")
     assert abs(a["pe"] - b["pe"]) <= 1e-12 * abs(b["pe"])
     assert np.max(np.abs(a["f"] - b["f"])) <= 1e-12
     assert rel_err(a["virial"], b["virial"]) <= 1e-12
 
 
-def test_triclinic_cell_matches_model(plugin, triclinic_data, model64, scripted):
-    res = run0_inprocess(plugin, triclinic_data, model64)
+@pytest.mark.parametrize("ghosts", ["map", "shell"])
+def test_triclinic_cell_matches_model(plugin, triclinic_data, model64, scripted, ghosts):
+    res = run0_inprocess(plugin, triclinic_data, model64, style_args=f"ghosts {ghosts}")
     assert abs(res["cell"][1, 0]) > 1.0, "the cell must really be tilted"
     compare_with_reference(res, scripted, (True, True, True))
 

@@ -116,7 +116,8 @@ std::string dtype_name(torch::Dtype t)
 
 PairTransIP::PairTransIP(LAMMPS *lmp) :
     Pair(lmp), device_request("cpu"), total_charge(0), multiplicity(1), prune(true),
-    jit_optimize(-1), device(torch::kCPU),
+    jit_optimize(-1), ghost_request("auto"), owner_mapped(false), has_periodic_entry(false),
+    device(torch::kCPU),
     model_dtype(torch::kFloat64), model_cutoff(0.0), receptive_field(0.0), num_layers(0),
     format_version(0), report_load(false)
 {
@@ -173,6 +174,7 @@ void PairTransIP::settings(int narg, char **arg)
   int64_t new_charge = 0, new_mult = 1;
   bool new_prune = true;
   int new_jit = -1;
+  std::string new_ghosts = "auto";
   int iarg = 0;
   while (iarg < narg) {
     const std::string key = arg[iarg];
@@ -195,10 +197,15 @@ void PairTransIP::settings(int narg, char **arg)
       new_prune = utils::logical(FLERR, value, false, lmp) == 1;
     } else if (key == "jit_optimize") {
       new_jit = utils::logical(FLERR, value, false, lmp);
+    } else if (key == "ghosts") {
+      if (value != "auto" && value != "map" && value != "shell")
+        error->all(FLERR, "pair_style transip: ghosts must be auto, map or shell, got '{}'",
+                   value);
+      new_ghosts = value;
     } else {
       error->all(FLERR,
                  "pair_style transip: unknown keyword '{}' (expected device, charge, "
-                 "multiplicity, prune or jit_optimize)",
+                 "multiplicity, prune, jit_optimize or ghosts)",
                  key);
     }
     iarg += 2;
@@ -210,6 +217,7 @@ void PairTransIP::settings(int narg, char **arg)
   multiplicity = new_mult;
   prune = new_prune;
   jit_optimize = new_jit;
+  ghost_request = new_ghosts;
   select_device();
   // pair_style issued again after pair_coeff: keep the model, move it if needed
   if (model && device_changed) model->to(device);
@@ -385,6 +393,7 @@ void PairTransIP::load_model(const std::string &path)
                "(no lammps()/element_list() method)",
                path);
 
+  has_periodic_entry = m.find_method("lammps_periodic").has_value();
   format_version = m.attr("format_version").toInt();
   if (format_version < 1)
     error->all(FLERR,
@@ -447,6 +456,30 @@ void PairTransIP::init_style()
                "pair_style transip needs comm_modify mode single (the ghost cutoff is set "
                "from the model's receptive field)");
 
+  // Owner-mapped mode (one rank): every periodic image LAMMPS keeps as a ghost is mapped back
+  // to the owned atom it images, so the model runs on the owned atoms only and ghosts are
+  // needed only out to the cutoff. Several ranks need the receptive-field ghost shell.
+  const bool can_map = comm->nprocs == 1 && atom->tag_enable && has_periodic_entry;
+  if (ghost_request == "map" && !can_map)
+    error->all(FLERR,
+               "pair_style transip ghosts map needs one MPI rank, atom IDs and a model file "
+               "with lammps_periodic() (this run: {} ranks, atom IDs {}, entry {}); use "
+               "ghosts shell or auto",
+               comm->nprocs, atom->tag_enable ? "on" : "off",
+               has_periodic_entry ? "present" : "missing");
+  owner_mapped = can_map && ghost_request != "shell";
+  ghostneigh = owner_mapped ? 0 : 1;    // ghost-shell mode passes neighbours of ghosts too
+  if (owner_mapped) {
+    no_virial_fdotr_compute = 1;    // the model returns the virial of the mapped edges
+    neighbor->add_request(this, NeighConst::REQ_FULL);
+    if (comm->me == 0)
+      utils::logmesg(lmp,
+                     "TransIP: one rank: periodic ghosts mapped to their owned atoms; the "
+                     "model runs on owned atoms only (ghost cutoff {:.4g} Å = cutoff + skin)\n",
+                     model_cutoff + neighbor->skin);
+    return;
+  }
+  no_virial_fdotr_compute = 0;
   neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
 
   // Ghost atoms must reach every atom that can influence an owned atom's
@@ -526,6 +559,11 @@ void PairTransIP::compute(int eflag, int vflag)
     error->all(FLERR,
                "pair_style transip does not provide per-atom virials (compute stress/atom, "
                "compute centroid/stress/atom); the global virial/pressure is available");
+
+  if (owner_mapped) {
+    compute_owner_mapped();
+    return;
+  }
 
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
@@ -716,6 +754,131 @@ void PairTransIP::compute(int eflag, int vflag)
   }
 
   if (vflag_fdotr) virial_fdotr_compute();
+}
+
+/* ----------------------------------------------------------------------
+   One rank: rows are the owned atoms; each neighbour j (owned or a periodic
+   ghost image) becomes an edge to the owned atom with the same ID, with the
+   image offset x[j] - x[owner] as its shift. Exact, and the model sees N atoms.
+------------------------------------------------------------------------- */
+
+void PairTransIP::compute_owner_mapped()
+{
+  const int nlocal = atom->nlocal;
+  double **x = atom->x;
+  double **f = atom->f;
+  const int *type = atom->type;
+  const tagint *tag = atom->tag;
+  const double cutsq_model = model_cutoff * model_cutoff;
+
+  tagint maxtag = 0;
+  for (int i = 0; i < nlocal; ++i) maxtag = std::max(maxtag, tag[i]);
+  tag_to_local.assign(static_cast<size_t>(maxtag) + 1, -1);
+  for (int i = 0; i < nlocal; ++i) tag_to_local[tag[i]] = i;
+
+  atom_to_row.assign(nlocal, -1);
+  row_to_atom.clear();
+  pos_buf.clear();
+  z_buf.clear();
+  for (int i = 0; i < nlocal; ++i) {
+    const int64_t z = type_to_z[type[i]];
+    if (z <= 0) continue;
+    atom_to_row[i] = static_cast<int>(row_to_atom.size());
+    row_to_atom.push_back(i);
+    pos_buf.push_back(x[i][0]);
+    pos_buf.push_back(x[i][1]);
+    pos_buf.push_back(x[i][2]);
+    z_buf.push_back(z);
+  }
+  const int64_t nrows = static_cast<int64_t>(row_to_atom.size());
+
+  edge_i_buf.clear();
+  edge_j_buf.clear();
+  shift_buf.clear();
+  for (int ii = 0; ii < list->inum; ++ii) {
+    const int i = list->ilist[ii];
+    const int ri = i < nlocal ? atom_to_row[i] : -1;
+    if (ri < 0) continue;
+    const int *jlist = list->firstneigh[i];
+    for (int jj = 0; jj < list->numneigh[i]; ++jj) {
+      const int j = jlist[jj] & NEIGHMASK;
+      const double dx = x[j][0] - x[i][0];
+      const double dy = x[j][1] - x[i][1];
+      const double dz = x[j][2] - x[i][2];
+      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
+      const int owner = j < nlocal ? j : (tag[j] <= maxtag ? tag_to_local[tag[j]] : -1);
+      if (owner < 0)
+        error->one(FLERR, "pair_style transip: ghost atom ID {} has no owned atom on this rank",
+                   static_cast<bigint>(tag[j]));
+      const int rj = atom_to_row[owner];
+      if (rj < 0) continue;
+      edge_i_buf.push_back(ri);
+      edge_j_buf.push_back(rj);
+      shift_buf.push_back(x[j][0] - x[owner][0]);
+      shift_buf.push_back(x[j][1] - x[owner][1]);
+      shift_buf.push_back(x[j][2] - x[owner][2]);
+    }
+  }
+  const int64_t nedges = static_cast<int64_t>(edge_i_buf.size());
+  if (report_load) {
+    report_load = false;
+    utils::logmesg(lmp, "TransIP: model input: {} owned atoms (ghosts mapped), {} edges\n",
+                   nrows, nedges);
+  }
+  if (nrows == 0) return;
+
+  torch::Tensor energies, forces, wvir;
+  try {
+    const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+    const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+    torch::Tensor pos = torch::from_blob(pos_buf.data(), {nrows, 3}, f64);
+    torch::Tensor numbers = torch::from_blob(z_buf.data(), {nrows}, i64);
+    torch::Tensor ei = torch::from_blob(edge_i_buf.data(), {nedges}, i64);
+    torch::Tensor ej = torch::from_blob(edge_j_buf.data(), {nedges}, i64);
+    torch::Tensor sh = torch::from_blob(shift_buf.data(), {nedges, 3}, f64);
+    torch::Tensor q = torch::scalar_tensor(total_charge, i64);
+    torch::Tensor s = torch::scalar_tensor(multiplicity, i64);
+    if (device.is_cuda()) {
+      pos = pos.to(device, model_dtype);
+      numbers = numbers.to(device);
+      ei = ei.to(device);
+      ej = ej.to(device);
+      sh = sh.to(device, model_dtype);
+      q = q.to(device);
+      s = s.to(device);
+    }
+    const bool optimize = jit_optimize >= 0 ? (jit_optimize == 1) : device.is_cuda();
+    torch::jit::GraphOptimizerEnabledGuard jit_guard(optimize);
+    auto out = model->get_method("lammps_periodic")({pos, numbers, ei, ej, sh, q, s});
+    auto result = out.toTuple();
+    energies = result->elements().at(0).toTensor().to(torch::kCPU, torch::kFloat64).contiguous();
+    forces = result->elements().at(1).toTensor().to(torch::kCPU, torch::kFloat64).contiguous();
+    wvir = result->elements().at(2).toTensor().to(torch::kCPU, torch::kFloat64).contiguous();
+  } catch (const c10::Error &e) {
+    model_failed(e.what_without_backtrace());
+  } catch (const std::exception &e) {
+    model_failed(e.what());
+  }
+  if (energies.dim() != 1 || energies.size(0) != nrows || forces.size(0) != nrows ||
+      wvir.numel() != 6)
+    model_failed("lammps_periodic() returned tensors of unexpected shapes");
+
+  const double *fr = forces.data_ptr<double>();
+  const double *er = energies.data_ptr<double>();
+  double esum = 0.0;
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int i = row_to_atom[r];
+    f[i][0] += fr[3 * r + 0];
+    f[i][1] += fr[3 * r + 1];
+    f[i][2] += fr[3 * r + 2];
+    esum += er[r];
+    if (eflag_atom) eatom[i] += er[r];
+  }
+  if (eflag_global) eng_vdwl += esum;
+  if (vflag_global) {
+    const double *w = wvir.data_ptr<double>();
+    for (int k = 0; k < 6; ++k) virial[k] += w[k];
+  }
 }
 
 double PairTransIP::memory_usage()

@@ -49,6 +49,9 @@ class PairTransIP : public Pair {
   int64_t multiplicity;          // system's spin multiplicity 2S+1
   bool prune;                    // hand the model only atoms/edges that reach owned atoms
   int jit_optimize;              // TorchScript graph optimisation: 1 on, 0 off, -1 auto
+  std::string ghost_request;     // "auto", "map" or "shell"
+  bool owner_mapped;             // this run: ghosts mapped to owned atoms (one rank)
+  bool has_periodic_entry;       // the model file provides lammps_periodic()
 
   // ---- model (valid after pair_coeff)
   std::unique_ptr<torch::jit::Module> model;
@@ -71,12 +74,15 @@ class PairTransIP : public Pair {
   std::vector<double> pos_buf;         // [rows, 3]
   std::vector<int64_t> z_buf;          // [rows]
   std::vector<int64_t> edge_i_buf, edge_j_buf;
+  std::vector<double> shift_buf;       // [edges, 3] image - owner (owner-mapped mode)
+  std::vector<int> tag_to_local;       // atom ID -> owned index (owner-mapped mode)
   std::vector<int> hops;               // graph distance (in edges) from owned atoms
   std::vector<int> frontier, next_frontier;
   std::vector<char> centre_in_list;    // atom has a neighbour row in the list
   bool report_load;                    // log ghost/local counts at the next compute
 
   bool can_prune() const;
+  void compute_owner_mapped();
   void allocate();
   void load_model(const std::string &path);
   void select_device();

@@ -293,6 +293,62 @@ class TransIPPotential(nn.Module):
         forces = -g if g is not None else torch.zeros_like(positions)
         return local.detach(), forces
 
+    @torch.jit.export
+    def lammps_periodic(
+        self,
+        positions: Tensor,
+        numbers: Tensor,
+        edge_i: Tensor,
+        edge_j: Tensor,
+        edge_shift: Tensor,
+        charge: Tensor,
+        spin: Tensor,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Owner-mapped evaluation: energies [N] (eV), forces [N, 3] (eV/Å), virial [6] (eV).
+
+        For an engine that holds every atom of a periodic system (LAMMPS on one rank): rows are
+        the owned atoms only; each periodic-image neighbour is mapped back to the atom it images,
+        with ``edge_shift`` [E, 3] (Å) = image position - owner position, so the displacement is
+        ``positions[j] - positions[i] + edge_shift``. The model then runs on N atoms instead of
+        the whole receptive-field ghost shell. The virial is -Σ_edges r ⊗ ∂E/∂r in LAMMPS order
+        (xx, yy, zz, xy, xz, yz), equal to Σ x·f over atoms and images.
+        """
+        dtype = self.network.energy_scale.dtype
+        device = self.network.energy_scale.device
+        positions = positions.to(device=device, dtype=dtype)
+        numbers = numbers.to(device=device, dtype=torch.long)
+        edge_i = edge_i.to(device)
+        edge_j = edge_j.to(device)
+        edge_shift = edge_shift.to(device=device, dtype=dtype)
+        charge = charge.to(device)
+        spin = spin.to(device)
+        if self.check_inputs:
+            self.validate(positions, numbers, charge, spin)
+        positions = positions.detach().requires_grad_(True)
+        with torch.no_grad():
+            d = positions[edge_j] - positions[edge_i] + edge_shift
+            keep = (d * d).sum(1) < self.cutoff * self.cutoff
+            order = torch.argsort(edge_i[keep], stable=True)
+            i = edge_i[keep][order]
+            j = edge_j[keep][order]
+            shift = edge_shift[keep][order]
+        shift = shift.detach().requires_grad_(True)
+        n_atoms = positions.shape[0]
+        q = charge.reshape(1).to(torch.long).expand(n_atoms)
+        m = spin.reshape(1).to(torch.long).expand(n_atoms)
+        energies, _ = self.atom_energies_from_pairs(positions, numbers, q, m, i, j, shift)
+        grads = torch.autograd.grad([energies.sum()], [positions, shift], allow_unused=True)
+        g_pos = grads[0]
+        g_shift = grads[1]
+        forces = -g_pos if g_pos is not None else torch.zeros_like(positions)
+        virial = torch.zeros(6, dtype=dtype, device=device)
+        if g_shift is not None:
+            with torch.no_grad():
+                vec = positions.detach()[j] - positions.detach()[i] + shift.detach()
+                w = -(vec.unsqueeze(2) * g_shift.unsqueeze(1)).sum(0)
+                virial = torch.stack([w[0, 0], w[1, 1], w[2, 2], w[0, 1], w[0, 2], w[1, 2]])
+        return energies.detach(), forces, virial
+
     def forward(
         self,
         positions: Tensor,
