@@ -23,7 +23,7 @@ def _systems():
     oh.pop(2)
     acetate = molecule("CH3COOH")
     acetate.pop(7)  # the acid H
-    small = water_box(2, seed=3, triclinic=True)
+    small = water_box(1, seed=3, triclinic=True)
     return {
         "ethanol": (molecule("CH3CH2OH"), 0, 1),
         "hydroxide": (oh, -1, 1),

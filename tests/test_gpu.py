@@ -23,7 +23,7 @@ def _systems():
     acetate.pop(7)
     return {"acetate": (acetate, -1), "water_box": (water_box(64, seed=1), 0),
             "triclinic": (water_box(64, seed=2, triclinic=True), 0),
-            "small_cell": (water_box(2, seed=3, triclinic=True), 0),
+            "small_cell": (water_box(1, seed=3, triclinic=True), 0),
             "large_box": (water_box(2000, seed=4), 0)}
 
 

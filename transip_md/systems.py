@@ -13,15 +13,21 @@ def water_box(n_molecules: int, seed: int = 0, density: float = WATER_DENSITY,
               triclinic: bool = False) -> Atoms:
     """A periodic box of ``n_molecules`` randomly oriented waters on a jittered cubic lattice.
 
-    Not equilibrated: a starting structure for tests, demos and timings. With ``triclinic`` the
-    cell is sheared (same volume) so that engines see a general cell.
+    Not equilibrated: a starting structure for tests, demos and timings. The density is
+    ``density`` when ``n_molecules`` is a perfect cube (27, 64, 512, ...), lower otherwise. With
+    ``triclinic`` the cell is sheared (same volume) so that engines see a general cell.
     """
     if n_molecules < 1:
         raise ValueError("n_molecules must be >= 1")
     rng = np.random.default_rng(seed)
-    volume = n_molecules * _WATER_MASS_G / density * 1e24  # Å^3
-    n_side = int(np.ceil(n_molecules ** (1.0 / 3.0)))
-    length = volume ** (1.0 / 3.0)
+    # One molecule per site of an n_side^3 lattice at the density's spacing: when n_molecules is
+    # not a perfect cube some sites stay empty (lower density) rather than squeezing the lattice,
+    # which would create unphysically close intermolecular contacts.
+    spacing = (_WATER_MASS_G / density * 1e24) ** (1.0 / 3.0)  # Å
+    n_side = int(round(n_molecules ** (1.0 / 3.0)))
+    if n_side ** 3 < n_molecules:
+        n_side += 1
+    length = n_side * spacing
     sites = np.stack(np.meshgrid(*[np.arange(n_side)] * 3, indexing="ij"), -1).reshape(-1, 3)
     sites = sites[rng.permutation(len(sites))[:n_molecules]]
     template = molecule("H2O")

@@ -57,7 +57,8 @@ def build_metadata(potential: TransIPPotential, dtype: torch.dtype,
         "num_layers": potential.num_layers,
         "receptive_field": potential.receptive_field,
         "units": units_table(),
-        "entry_points": ["compute", "energy", "lammps", "forward", "element_list", "validate"],
+        "entry_points": ["compute", "energy", "lammps", "lammps_periodic", "forward", "element_list",
+                         "validate"],
     }
     if extra:
         meta.update(extra)
