@@ -196,9 +196,13 @@ class _TransIPEnergy(nn.Module):
         multiplicity: int,
         periodic: bool,
         dtype: torch.dtype,
+        capacity: int = 0,
     ):
         super().__init__()
         self.model = model
+        # > 0: static-shape path (model.energy_static) with this many neighbours per atom,
+        # for CUDA-graph capture; 0: the model's own neighbour list (dynamic shapes).
+        self.capacity = int(capacity)
         self.register_buffer("numbers", numbers.to(torch.long))
         self.use_subset = indices is not None
         if indices is None:
@@ -219,7 +223,12 @@ class _TransIPEnergy(nn.Module):
         dtype = self.open_cell.dtype
         positions_a = (positions * self.angstrom_per_nm).to(dtype)
         cell_a = (box * self.angstrom_per_nm).to(dtype)
-        energy = self.model.energy(positions_a, self.numbers, cell_a, self.pbc, charge, multiplicity)
+        if self.capacity > 0:
+            energy = self.model.energy_static(positions_a, self.numbers, cell_a, self.pbc, charge,
+                                              multiplicity, self.capacity)
+        else:
+            energy = self.model.energy(positions_a, self.numbers, cell_a, self.pbc, charge,
+                                       multiplicity)
         return energy.to(torch.float64) * self.kj_per_mol_per_ev
 
     def state_from(self, charge: Tensor, multiplicity: Tensor) -> Tuple[Tensor, Tensor]:
@@ -371,6 +380,31 @@ def _validate_state(model, numbers: List[int], charge: int, multiplicity: int, d
 
 
 # ----------------------------------------------------------------------------- public API
+def _static_capacity(n_atoms: int, cutoff_a: float, periodic: bool, box_vectors,
+                     requested: Optional[int]) -> int:
+    """Neighbour capacity of the static-shape (CUDA-graph) path; checks its preconditions."""
+    if n_atoms < 2:
+        raise ValueError("cuda_graphs needs at least two ML atoms")
+    if periodic:
+        if box_vectors is None:
+            raise ValueError("cuda_graphs with a periodic force needs the box (topology or box_vectors)")
+        widths = box_widths_nm(box_vectors) * ANGSTROM_PER_NM
+        if widths.min() < 2.0 * cutoff_a:
+            raise ValueError(
+                f"cuda_graphs uses minimum-image displacements: the box must be at least twice "
+                f"the model cutoff ({2 * cutoff_a:.2f} Å) wide, but its narrowest width is "
+                f"{widths.min():.2f} Å; use cuda_graphs=False for small boxes")
+    if requested is not None:
+        if not 1 <= int(requested) <= n_atoms - 1:
+            raise ValueError(f"neighbor_capacity must be in 1..{n_atoms - 1}, got {requested}")
+        return int(requested)
+    if not periodic:
+        return n_atoms - 1
+    volume = abs(float(np.linalg.det(_box_vectors_nm(box_vectors)))) * ANGSTROM_PER_NM ** 3
+    expected = n_atoms / volume * 4.0 / 3.0 * np.pi * cutoff_a ** 3
+    return int(min(n_atoms - 1, max(32, int(np.ceil(1.6 * expected)))))
+
+
 def make_torch_force(
     model_path: ModelLike,
     topology_or_elements,
@@ -383,6 +417,8 @@ def make_torch_force(
     box_vectors=None,
     global_parameters: bool = False,
     scale_parameter: Optional[str] = None,
+    cuda_graphs: bool = False,
+    neighbor_capacity: Optional[int] = None,
 ):
     """Build an ``openmmtorch.TorchForce`` that evaluates a TransIP model.
 
@@ -406,6 +442,14 @@ def make_torch_force(
         scale_parameter: name of a global parameter (default value 1) that multiplies the
             energy, e.g. ``"lambda_interpolate"`` for openmm-ml's ML/MM interpolation. Cannot be
             combined with ``global_parameters``.
+        cuda_graphs: run the model through its static-shape path (all-pairs minimum image +
+            the ``neighbor_capacity`` nearest neighbours per atom) and set OpenMM-Torch's
+            ``useCUDAGraphs`` property, so that the CUDA platform captures one graph and replays
+            it every step. Needs periodic boxes at least twice the cutoff wide. If an atom ever
+            has more than ``neighbor_capacity`` neighbours within the cutoff, the energy becomes
+            NaN and OpenMM stops (rather than silently dropping neighbours): raise the capacity.
+        neighbor_capacity: neighbours per atom on the static path (default: 1.6 x the mean
+            count expected from the box density, at least 32, at most N - 1; N - 1 in vacuum).
 
     Raises:
         FileNotFoundError: the model file does not exist.
@@ -475,6 +519,10 @@ def make_torch_force(
     if global_parameters and scale_parameter is not None:
         raise ValueError("global_parameters and scale_parameter cannot be combined")
     indices = None if atom_list is None else torch.tensor(atom_list, dtype=torch.long)
+    capacity = 0
+    if cuda_graphs:
+        capacity = _static_capacity(len(numbers), float(model.cutoff), periodic, box_vectors,
+                                    neighbor_capacity)
     cls = _WRAPPERS[(periodic, bool(global_parameters), scale_parameter is not None)]
     wrapper = cls(
         model,
@@ -484,8 +532,24 @@ def make_torch_force(
         multiplicity,
         periodic,
         dtype,
+        capacity,
     )
-    force = openmmtorch.TorchForce(torch.jit.script(wrapper))
+    scripted = torch.jit.script(wrapper)
+    if os.environ.get("TRANSIP_TORCHFORCE_VIA_FILE"):
+        # Hand OpenMM-Torch a file instead of an in-memory module: passing a module object
+        # across the pybind boundary segfaults when the running torch is not the one the
+        # openmmtorch wheel was built against (seen with torch 2.11 + openmmtorch 1.5).
+        import tempfile
+
+        handle, module_path = tempfile.mkstemp(prefix="transip-openmm-", suffix=".pt")
+        os.close(handle)
+        scripted.save(module_path)
+        force = openmmtorch.TorchForce(module_path)
+        os.unlink(module_path)
+    else:
+        force = openmmtorch.TorchForce(scripted)
+    if cuda_graphs:
+        force.setProperty("useCUDAGraphs", "true")
     force.setUsesPeriodicBoundaryConditions(periodic)
     force.setName("TransIP")
     if global_parameters:

@@ -242,6 +242,52 @@ class TransIPPotential(nn.Module):
         energies, _ = self._system_energies(positions, numbers, cell, pbc, charge, spin, strain)
         return energies.sum()
 
+    @torch.jit.export
+    def energy_static(
+        self,
+        positions: Tensor,
+        numbers: Tensor,
+        cell: Tensor,
+        pbc: Tensor,
+        charge: Tensor,
+        spin: Tensor,
+        capacity: int,
+    ) -> Tensor:
+        """Like :meth:`energy`, with static tensor shapes and no host synchronisation.
+
+        For CUDA-graph capture (OpenMM-Torch ``useCUDAGraphs``): all-pairs minimum-image
+        displacements, then the ``capacity`` nearest neighbours of each atom (``topk``), so
+        every shape depends on N and ``capacity`` only. Neighbours beyond the cutoff get a zero
+        envelope and contribute nothing. Requirements (not checked here, the caller checks):
+        1 <= capacity <= N - 1, periodic cells at least 2 x cutoff wide, and at most
+        ``capacity`` neighbours within the cutoff; if an atom has more, the energy is NaN
+        (checked on the device, so a run stops instead of silently dropping neighbours).
+        """
+        positions, numbers, cell, pbc, charge, spin = self._prepare(
+            positions, numbers, cell, pbc, charge, spin)
+        n_atoms = positions.shape[0]
+        pbc_f = pbc.to(positions.dtype)
+        eye = torch.eye(3, dtype=positions.dtype, device=positions.device)
+        # Open axes use the identity "cell" so that the inverse always exists.
+        cell_eff = cell * pbc_f.unsqueeze(1) + eye * (1.0 - pbc_f).unsqueeze(1)
+        disp = positions.unsqueeze(0) - positions.unsqueeze(1)  # [i, j] = x_j - x_i
+        frac = disp @ torch.linalg.inv(cell_eff)
+        frac = frac - torch.round(frac).detach() * pbc_f
+        disp = frac @ cell_eff
+        with torch.no_grad():
+            d2 = (disp * disp).sum(-1) + eye.new_full((n_atoms,), 1e30).diag()
+            nearest, index = torch.topk(d2, capacity, dim=1, largest=False)
+        nbr_vec = disp.gather(1, index.unsqueeze(-1).expand(n_atoms, capacity, 3))
+        q = charge.reshape(1).to(torch.long).expand(n_atoms)
+        m = spin.reshape(1).to(torch.long).expand(n_atoms)
+        energies, _ = self.network(numbers, q, m, index, nbr_vec)
+        energy = energies.sum()
+        if capacity < n_atoms - 1:  # otherwise every atom is a neighbour: no overflow possible
+            overflow = (nearest[:, capacity - 1] < self.cutoff * self.cutoff).any()
+            energy = energy + torch.where(overflow, torch.full_like(energy, float("nan")),
+                                          torch.zeros_like(energy))
+        return energy
+
     # ------------------------------------------------------------------ LAMMPS entry
     @torch.jit.export
     def lammps(
