@@ -22,7 +22,7 @@ def _systems():
     oh = molecule("H2O")
     oh.pop(2)
     acetate = molecule("CH3COOH")
-    acetate.pop(7)  # the acid H
+    acetate.pop(3)  # the acid H (index 3 is bonded to O)
     small = water_box(1, seed=3, triclinic=True)
     return {
         "ethanol": (molecule("CH3CH2OH"), 0, 1),

@@ -44,7 +44,13 @@ def cache_dir() -> Path:
 def default_model_path(dtype: str = "float32") -> Path:
     """An exported file of the shipped model (exported once into the user cache)."""
     ckpt = default_checkpoint_path()
-    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12]
+    # The key covers the weights and the code that gets scripted into the file, so a cached
+    # export never outlives a change of the model code (new entry points, fixes).
+    digest = hashlib.sha256(ckpt.read_bytes())
+    model_dir = Path(__file__).resolve().parents[1] / "model"
+    for source in sorted(model_dir.glob("*.py")):
+        digest.update(source.read_bytes())
+    digest = digest.hexdigest()[:12]
     out = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-{dtype}-{digest}.pt"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
