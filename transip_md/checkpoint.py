@@ -6,7 +6,6 @@ version; a reader refuses versions newer than it understands instead of guessing
 """
 
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from . import __version__
+from .atomic_io import atomic_output
 from .model.config import ModelConfig
 from .model.potential import TransIPPotential
 
@@ -41,20 +41,8 @@ class Checkpoint:
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path`` and rename: never a half file."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"output directory does not exist: {directory}")
-    if not os.access(directory, os.W_OK):
-        raise PermissionError(f"output directory is not writable: {directory}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_checkpoint(

@@ -8,14 +8,12 @@ and a per-source breakdown; ``--json`` writes the same numbers (atomically).
 
 import argparse
 import json
-import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
+from .atomic_io import atomic_output, check_output_path
 from .checkpoint import load_checkpoint
 from .cli import run_cli
 from .data import read_frames
@@ -53,18 +51,9 @@ def print_report(result: Dict[str, Any]) -> None:
 
 
 def write_json_atomic(data: Dict[str, Any], path: str) -> None:
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"output directory does not exist: {directory}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as fh:
             json.dump(data, fh, indent=1)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -76,6 +65,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rotations", type=int, default=8)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    if args.json:
+        check_output_path(args.json)
     result = evaluate(args.checkpoint, args.data, args.rotations, args.device)
     print_report(result)
     if args.json:

@@ -10,7 +10,6 @@ file ``metadata.json`` (so ``--info`` can read it without loading or running any
 import copy
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -19,6 +18,7 @@ import torch
 
 from .. import __version__
 from .. import units
+from ..atomic_io import atomic_output, check_output_path
 from ..model.potential import TransIPPotential
 
 MODEL_KIND = "transip-md-model"
@@ -71,13 +71,7 @@ def export_potential(potential: TransIPPotential, path: PathLike, dtype: str = "
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, got '{dtype}'")
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"output directory does not exist: {directory}")
-    if not os.access(directory, os.W_OK):
-        raise PermissionError(f"output directory is not writable: {directory}")
-    if path.is_dir():
-        raise IsADirectoryError(f"output path is a directory: {path}")
+    check_output_path(path)  # before the (slow) scripting
     torch_dtype = getattr(torch, dtype)
     # A copy, so exporting never changes the caller's (possibly training) model.
     model = copy.deepcopy(potential).to(device="cpu", dtype=torch_dtype).eval()
@@ -87,14 +81,8 @@ def export_potential(potential: TransIPPotential, path: PathLike, dtype: str = "
     model.format_version = FORMAT_VERSION
     model.metadata_json = json.dumps(meta, sort_keys=True)
     scripted = torch.jit.script(model)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         torch.jit.save(scripted, tmp, _extra_files={METADATA_NAME: model.metadata_json})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return meta
 
 
