@@ -289,6 +289,35 @@ class TransIPPotential(nn.Module):
         return energy
 
     # ------------------------------------------------------------------ LAMMPS entry
+    def _prepare_engine(
+        self, positions: Tensor, numbers: Tensor, charge: Tensor, spin: Tensor
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Inputs of the engine entry points on the model's device/dtype, validated, and
+        positions as a fresh autograd leaf."""
+        dtype = self.network.energy_scale.dtype
+        device = self.network.energy_scale.device
+        positions = positions.to(device=device, dtype=dtype)
+        numbers = numbers.to(device=device, dtype=torch.long)
+        charge = charge.to(device)
+        spin = spin.to(device)
+        if self.check_inputs:
+            self.validate(positions, numbers, charge, spin)
+        return positions.detach().requires_grad_(True), numbers, charge, spin
+
+    def _engine_pairs(
+        self, positions: Tensor, edge_i: Tensor, edge_j: Tensor, edge_shift: Tensor
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """The engine's pairs within the cutoff (its lists include the skin), sorted by i."""
+        device = positions.device
+        edge_i = edge_i.to(device)
+        edge_j = edge_j.to(device)
+        edge_shift = edge_shift.to(device=device, dtype=positions.dtype)
+        with torch.no_grad():
+            d = positions[edge_j] - positions[edge_i] + edge_shift
+            keep = (d * d).sum(1) < self.cutoff * self.cutoff
+            order = torch.argsort(edge_i[keep], stable=True)
+            return edge_i[keep][order], edge_j[keep][order], edge_shift[keep][order]
+
     @torch.jit.export
     def lammps(
         self,
@@ -309,29 +338,12 @@ class TransIPPotential(nn.Module):
         on ghosts must be added back to their owners by the engine (reverse communication).
         Exact when ghosts extend to the receptive field (layers x cutoff).
         """
-        dtype = self.network.energy_scale.dtype
-        device = self.network.energy_scale.device
-        positions = positions.to(device=device, dtype=dtype)
-        numbers = numbers.to(device=device, dtype=torch.long)
-        edge_i = edge_i.to(device)
-        edge_j = edge_j.to(device)
-        charge = charge.to(device)
-        spin = spin.to(device)
-        if self.check_inputs:
-            self.validate(positions, numbers, charge, spin)
-        positions = positions.detach().requires_grad_(True)
-        with torch.no_grad():
-            d = positions[edge_j] - positions[edge_i]
-            keep = (d * d).sum(1) < self.cutoff * self.cutoff
-            i = edge_i[keep]
-            j = edge_j[keep]
-            order = torch.argsort(i, stable=True)
-            i = i[order]
-            j = j[order]
+        positions, numbers, charge, spin = self._prepare_engine(positions, numbers, charge, spin)
+        zero_shift = torch.zeros((edge_i.shape[0], 3), dtype=positions.dtype, device=positions.device)
+        i, j, shift = self._engine_pairs(positions, edge_i, edge_j, zero_shift)
         n_total = positions.shape[0]
         q = charge.reshape(1).to(torch.long).expand(n_total)
         m = spin.reshape(1).to(torch.long).expand(n_total)
-        shift = torch.zeros((i.shape[0], 3), dtype=dtype, device=positions.device)
         energies, _ = self.atom_energies_from_pairs(positions, numbers, q, m, i, j, shift)
         local = energies[:nlocal]
         grads = torch.autograd.grad([local.sum()], [positions], allow_unused=True)
@@ -359,25 +371,10 @@ class TransIPPotential(nn.Module):
         the whole receptive-field ghost shell. The virial is -Σ_edges r ⊗ ∂E/∂r in LAMMPS order
         (xx, yy, zz, xy, xz, yz), equal to Σ x·f over atoms and images.
         """
-        dtype = self.network.energy_scale.dtype
-        device = self.network.energy_scale.device
-        positions = positions.to(device=device, dtype=dtype)
-        numbers = numbers.to(device=device, dtype=torch.long)
-        edge_i = edge_i.to(device)
-        edge_j = edge_j.to(device)
-        edge_shift = edge_shift.to(device=device, dtype=dtype)
-        charge = charge.to(device)
-        spin = spin.to(device)
-        if self.check_inputs:
-            self.validate(positions, numbers, charge, spin)
-        positions = positions.detach().requires_grad_(True)
-        with torch.no_grad():
-            d = positions[edge_j] - positions[edge_i] + edge_shift
-            keep = (d * d).sum(1) < self.cutoff * self.cutoff
-            order = torch.argsort(edge_i[keep], stable=True)
-            i = edge_i[keep][order]
-            j = edge_j[keep][order]
-            shift = edge_shift[keep][order]
+        positions, numbers, charge, spin = self._prepare_engine(positions, numbers, charge, spin)
+        dtype = positions.dtype
+        device = positions.device
+        i, j, shift = self._engine_pairs(positions, edge_i, edge_j, edge_shift)
         shift = shift.detach().requires_grad_(True)
         n_atoms = positions.shape[0]
         q = charge.reshape(1).to(torch.long).expand(n_atoms)
