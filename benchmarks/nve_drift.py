@@ -36,20 +36,13 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from transip_md.md_analysis import energy_drift
+
 DT_FS = 0.5
 TEMPERATURE_K = 300.0
 ENGINES = ("ase", "openmm", "lammps")
 DTYPES = ("float64", "float32")
 GOALS = {"float64": 1e-6, "float32": 1e-4}  # |drift| eV/atom/ps for long runs
-
-
-def fit(times_ps, energies_ev, n_atoms: int) -> Dict[str, float]:
-    t = np.asarray(times_ps, dtype=np.float64)
-    e = np.asarray(energies_ev, dtype=np.float64)
-    slope, intercept = np.polyfit(t, e, 1)
-    residual = e - (slope * t + intercept)
-    return {"drift_ev_per_atom_per_ps": float(slope / n_atoms),
-            "fluctuation_ev_per_atom": float(residual.std() / n_atoms)}
 
 
 def water64():
@@ -309,7 +302,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     r = run_openmm(model, args.ps, nvt_ps, sample_every, args.seed, args.openmm_system)
                 else:
                     r = run_lammps(model, args.ps, nvt_ps, sample_every, args.seed, out)
-                r.update(fit(r["times_ps"], r["total_energy_ev"], r["n_atoms"]))
+                r.update(energy_drift(r["times_ps"], r["total_energy_ev"], r["n_atoms"]))
             except Exception as exc:  # one failing engine does not lose the others' numbers
                 traceback.print_exc()
                 r = {"engine": engine, "error": f"{type(exc).__name__}: {exc}"}

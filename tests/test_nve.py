@@ -18,6 +18,7 @@ from ase.md.verlet import VelocityVerlet
 
 from transip_md.calculator import TransIPCalculator
 from transip_md.export import default_model_path
+from transip_md.md_analysis import energy_drift
 from transip_md.systems import water_box
 
 STEPS = 200
@@ -49,10 +50,9 @@ def nve_run(dtype: str, steps: int = STEPS, n_waters: int = 27, seed: int = 7):
     dyn.run(steps)
     energies = np.array(energies)
     times_ps = np.arange(len(energies)) * DT_FS / 1000.0
-    slope, intercept = np.polyfit(times_ps, energies, 1)
-    residual = energies - (slope * times_ps + intercept)
+    fit = energy_drift(times_ps, energies, len(atoms))
     n = len(atoms)
-    return {"drift": float(slope / n), "fluctuation": float(residual.std() / n),
+    return {"drift": fit["drift_ev_per_atom_per_ps"], "fluctuation": fit["fluctuation_ev_per_atom"],
             "span": float(np.ptp(energies) / n), "temperature": atoms.get_temperature(),
             "energies": energies}
 

@@ -23,17 +23,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from .md_analysis import energy_drift
 from .units import KJ_PER_MOL_PER_EV
 
 TIMESTEP_FS = 0.5
-
-
-def drift_and_fluctuation(times_ps: np.ndarray, energies_ev: np.ndarray, n_atoms: int) -> Dict[str, float]:
-    """Linear-fit drift (eV/atom/ps) and standard deviation around the fit (eV/atom)."""
-    slope, intercept = np.polyfit(times_ps, energies_ev, 1)
-    resid = energies_ev - (slope * times_ps + intercept)
-    return {"drift_ev_per_atom_per_ps": float(slope / n_atoms),
-            "fluctuation_ev_per_atom": float(resid.std() / n_atoms)}
 
 
 def run_openmm(model_path: Path, out: Path, steps: int) -> Dict[str, object]:
@@ -73,7 +66,7 @@ def run_openmm(model_path: Path, out: Path, steps: int) -> Dict[str, object]:
     result = {"engine": "OpenMM (CPU platform, TorchForce)", "system": "ethanol in vacuum (9 atoms), NVE",
               "steps": steps, "seconds": elapsed, "trajectory": str(traj_path),
               "times_ps": times, "total_energy_ev": totals, "n_atoms": len(atoms)}
-    result.update(drift_and_fluctuation(np.array(times), np.array(totals), len(atoms)))
+    result.update(energy_drift(np.array(times), np.array(totals), len(atoms)))
     return result
 
 
@@ -130,7 +123,7 @@ def run_lammps(model_path: Path, out: Path, nve_steps: int, nvt_steps: int) -> D
               "system": f"periodic water box, 64 molecules ({len(atoms)} atoms), NVT {nvt_steps} steps then NVE",
               "steps": nve_steps, "seconds": nve_seconds or elapsed, "trajectory": str(traj),
               "times_ps": times, "total_energy_ev": totals, "n_atoms": len(atoms), "log": str(log)}
-    result.update(drift_and_fluctuation(np.array(times), np.array(totals), len(atoms)))
+    result.update(energy_drift(np.array(times), np.array(totals), len(atoms)))
     return result
 
 
