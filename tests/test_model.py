@@ -202,3 +202,49 @@ def test_bad_inputs_raise_clear_errors(potential64, bad, message):
         pbc = torch.ones(3, dtype=torch.bool)
     with pytest.raises(ValueError, match=message):
         potential64.compute(pos, z, cell, pbc, charge, ONE, True, False)
+
+
+def _attention_per_edge(layer, h, nbr_index, edge, envelope):
+    """Reference: the attention layer written with explicit per-edge keys and values."""
+    n_rows, n_slots = nbr_index.shape
+    H, D, W = layer.heads, layer.head_dim, layer.width
+    x = layer.norm_attn(h)
+    q, k, v = layer.qkv(x).chunk(3, dim=-1)
+    e_k, e_v, e_bias = layer.edge_proj(edge).split([W, W, H], dim=-1)
+    pad = torch.cat([torch.arange(h.shape[0]), torch.tensor([0])])  # pad slot: any row
+    k_ij = (k[pad[nbr_index]] + e_k).view(n_rows, n_slots, H, D)
+    v_ij = (v[pad[nbr_index]] + e_v).view(n_rows, n_slots, H, D)
+    s_k, s_v = layer.self_kv.chunk(2)
+    q = q[:n_rows].view(n_rows, H, D) / D ** 0.5
+    logit_nbr = torch.einsum("nhd,nkhd->nkh", q, k_ij) + e_bias
+    logit_self = (q * (k[:n_rows] + s_k).view(n_rows, H, D)).sum(-1)
+    w_nbr = envelope.unsqueeze(-1) * torch.exp(logit_nbr)
+    w_self = torch.exp(logit_self)
+    mixed = (w_self.unsqueeze(-1) * (v[:n_rows] + s_v).view(n_rows, H, D)
+             + (w_nbr.unsqueeze(-1) * v_ij).sum(1)) / (w_self + w_nbr.sum(1)).unsqueeze(-1)
+    out = h[:n_rows] + layer.out(mixed.reshape(n_rows, W))
+    return out + layer.ffn(layer.norm_ffn(out))
+
+
+def test_factored_attention_equals_per_edge_keys_and_values():
+    """The layer folds Wk into the query and applies Wv after aggregation; it must be the same
+    function as explicit k_ij / v_ij, also when rows < tokens (engine ghost atoms)."""
+    from transip_md.model.config import named_config
+    from transip_md.model.transformer import AttentionLayer
+
+    torch.manual_seed(3)
+    cfg = named_config("tiny")
+    layer = AttentionLayer(cfg).double()
+    for p in layer.parameters():
+        p.data.normal_(0.0, 0.3)
+    n_tokens, n_rows, n_slots = 11, 7, 5
+    h = torch.randn(n_tokens, cfg.width, dtype=torch.float64)
+    nbr_index = torch.randint(0, n_tokens, (n_rows, n_slots))
+    nbr_index[0, 3:] = n_tokens  # padding slots
+    edge = torch.randn(n_rows, n_slots, cfg.edge_width, dtype=torch.float64)
+    envelope = torch.rand(n_rows, n_slots, dtype=torch.float64)
+    envelope[0, 3:] = 0.0
+    got = layer(h, nbr_index, edge, envelope)
+    want = _attention_per_edge(layer, h, nbr_index, edge, envelope)
+    assert got.shape == (n_rows, cfg.width)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
