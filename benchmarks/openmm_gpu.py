@@ -25,6 +25,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--nvrtc-stub", default=None, help="preload this libnvrtc.so.12 (test machines)")
+    p.add_argument("--graph-warmup", type=int, default=None,
+                   help="OpenMM-Torch CUDAGraphWarmupSteps (plain calls before the graph is captured)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.nvrtc_stub:
@@ -48,8 +50,11 @@ def main() -> None:
             for mass in atoms.get_masses():
                 system.addParticle(float(mass))
             system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*r) for r in box_nm])
-            system.addForce(make_torch_force(args.model, list(atoms.get_chemical_symbols()),
-                                             periodic=True, box_vectors=box_nm, cuda_graphs=graphs))
+            force = make_torch_force(args.model, list(atoms.get_chemical_symbols()),
+                                     periodic=True, box_vectors=box_nm, cuda_graphs=graphs)
+            if graphs and args.graph_warmup is not None:
+                force.setProperty("CUDAGraphWarmupSteps", str(args.graph_warmup))
+            system.addForce(force)
             integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond,
                                                          0.5 * unit.femtosecond)
             context = openmm.Context(system, integrator, platform)

@@ -271,7 +271,9 @@ class TransIPPotential(nn.Module):
         # Open axes use the identity "cell" so that the inverse always exists.
         cell_eff = cell * pbc_f.unsqueeze(1) + eye * (1.0 - pbc_f).unsqueeze(1)
         disp = positions.unsqueeze(0) - positions.unsqueeze(1)  # [i, j] = x_j - x_i
-        frac = disp @ torch.linalg.inv(cell_eff)
+        # inv_ex, not inv: inv checks for singularity on the host (a device sync), which breaks
+        # CUDA-graph capture; cell_eff is invertible by construction (open axes use identity).
+        frac = disp @ torch.linalg.inv_ex(cell_eff)[0]
         frac = frac - torch.round(frac).detach() * pbc_f
         disp = frac @ cell_eff
         with torch.no_grad():

@@ -108,12 +108,15 @@ class AttentionLayer(nn.Module):
         scale = 1.0 / math.sqrt(D)
         q = (nn.functional.linear(x_rows, w_q, b_q) * scale).view(n_rows, H, D)
 
-        # Padded slots point at a zero row M; their envelope is 0, so they never contribute.
-        # index_select, not x[nbr_index]: its backward is an atomic index_add, whereas
-        # advanced-indexing backward serialises over repeated indices (every padding slot
-        # points at the dummy row) and took 97 % of GPU time in training.
-        x_pad = torch.cat([x, x.new_zeros((1, W))], 0)
-        x_nbr = x_pad.index_select(0, nbr_index.reshape(-1)).view(n_rows, n_slots, W)
+        # Padded slots (index M) have envelope 0 and never contribute; here they read the row's
+        # own token instead of a shared dummy row, so that the backward index_add spreads their
+        # (zero) gradients over all rows instead of piling every padding slot's atomic adds onto
+        # one row (that contention made the index_add the largest kernel on a GPU).
+        # index_select, not x[nbr_index]: advanced-indexing backward serialises over repeated
+        # indices and took 97 % of GPU time in training.
+        own_row = torch.arange(n_rows, device=nbr_index.device).unsqueeze(1)
+        gather_index = torch.where(nbr_index < h.shape[0], nbr_index, own_row)
+        x_nbr = x.index_select(0, gather_index.reshape(-1)).view(n_rows, n_slots, W)
 
         # Logits q.k_ij with Wk and Wek folded into the query.
         q_tok = torch.einsum("nhd,hdw->nhw", q, w_k.view(H, D, W))  # [R, H, W]

@@ -1,0 +1,362 @@
+"""GPU speed of TransIP side by side with MACE, in one run (issue #10).
+
+    python benchmarks/gpu_bench.py --out results/                 # everything that is installed
+    python benchmarks/gpu_bench.py --parts transip,mace --sizes 1536 6144 24576
+
+Parts (``--parts``, comma list; a part whose packages are missing is reported and skipped):
+
+* ``transip``: energy + forces per call of an exported TransIP file (float32; default a randomly
+  initialised TransIP-S, ``--model`` for a real file) on periodic water boxes, neighbour list
+  included (it is inside the file), plus the largest box that fits (``--largest``). Columns: ms
+  (median of CUDA-event-timed calls), peak memory above the inputs, and the time of the
+  embedded neighbour list alone. Variants: ``fp32`` (full precision matrix products) and
+  ``tf32`` (TensorFloat-32 matrix units), with the force error of each against a float64 export.
+* ``profile``: one energy+forces call at the largest ``--sizes`` entry under torch.profiler:
+  kernel count, GPU busy time, and time by kernel class (matrix products, gathers/scatters,
+  the rest).
+* ``mace``: a MACE model with MACE-OFF23-small hyper-parameters (96x0e, max_ell 3, correlation 3,
+  2 interactions, r_max 5 Å, 8 Bessel functions; random weights) on the same boxes, plain
+  PyTorch and with cuEquivariance kernels (``cueq_config``); its graph is built once outside the
+  timed call (TransIP's neighbour list is timed inside; that favours MACE).
+* ``openmm``: OpenMM CUDA platform steps/s through TorchForce with and without CUDA graphs (runs
+  ``benchmarks/openmm_gpu.py`` in a subprocess so a crash there cannot take this run down).
+
+Prints one table per part and writes ``OUT/gpu_bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from transip_md.export import export_potential, load_exported  # noqa: E402
+from transip_md.model import TransIPPotential, named_config  # noqa: E402
+from transip_md.systems import water_box  # noqa: E402
+
+WATER_ATOMS = 3
+GiB = 1024 ** 3
+
+
+# ----------------------------------------------------------------------------- helpers
+def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> float:
+    """Median wall time of ``fn`` in ms, bracketed by CUDA events (device work included)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak CUDA memory of one call above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def box_tensors(n_atoms: int, device: torch.device, dtype: torch.dtype):
+    atoms = water_box(n_atoms // WATER_ATOMS, seed=0)
+    return atoms, (
+        torch.tensor(atoms.positions, dtype=dtype, device=device),
+        torch.tensor(atoms.numbers, dtype=torch.long, device=device),
+        torch.tensor(atoms.cell.array, dtype=dtype, device=device),
+        torch.tensor([True, True, True], device=device),
+        torch.tensor(0, device=device),
+        torch.tensor(1, device=device),
+    )
+
+
+def random_model_files(size: str, directory: Path) -> Dict[str, Path]:
+    torch.manual_seed(0)
+    potential = TransIPPotential(named_config(size))
+    potential.supported_elements[[1, 6, 7, 8]] = True
+    potential.network.energy_scale.data.fill_(3.0)
+    out = {}
+    for dtype in ("float32", "float64"):
+        out[dtype] = directory / f"transip-{size}-{dtype}.pt"
+        export_potential(potential, out[dtype], dtype=dtype)
+    return out
+
+
+def set_tf32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+# ----------------------------------------------------------------------------- TransIP
+def bench_transip(args, files: Dict[str, Path], device: torch.device) -> Dict:
+    model32 = load_exported(files["float32"], device=device)
+    model32.check_inputs = False  # engines switch validation off in production runs
+    model64 = load_exported(files["float64"], device=device)
+    nbr = torch.jit.script(__import__("transip_md.model.neighbors", fromlist=["x"]).neighbor_pairs)
+    rows: List[Dict] = []
+    sizes = list(args.sizes)
+    for n_atoms in sizes + (["largest"] if args.largest else []):
+        if n_atoms == "largest":
+            n_atoms = _largest_that_fits(model32, device, start=2 * sizes[-1])
+            if n_atoms is None:
+                continue
+        atoms, inputs = box_tensors(n_atoms, device, torch.float32)
+        row: Dict = {"atoms": len(atoms)}
+        cutoff = float(model32.cutoff)
+        row["neighbor_list_ms"] = cuda_time_ms(lambda: nbr(inputs[0], inputs[2], inputs[3], cutoff))
+        reference = None
+        if len(atoms) <= args.accuracy_max_atoms:
+            _, in64 = box_tensors(n_atoms, device, torch.float64)
+            reference = model64.compute(*in64, True, False)["forces"]
+        for variant in ("fp32", "tf32"):
+            set_tf32(variant == "tf32")
+            call = lambda: model32.compute(*inputs, True, False)  # noqa: E731
+            row[f"{variant}_ms"] = cuda_time_ms(call)
+            row[f"{variant}_peak_gib"] = peak_bytes(call) / GiB
+            if reference is not None:
+                f = call()["forces"].double()
+                row[f"{variant}_force_rel_err"] = float((f - reference).norm() / reference.norm())
+        set_tf32(False)
+        row["fp32_gib_per_10k_atoms"] = row["fp32_peak_gib"] * 1e4 / len(atoms)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+    print(f"\nTransIP-{args.size} float32, energy+forces, H2O periodic boxes ({torch.cuda.get_device_name()})")
+    print(f"{'atoms':>7} {'fp32 ms':>8} {'tf32 ms':>8} {'nbr ms':>7} {'peak GiB':>9} {'GiB/10k':>8} "
+          f"{'fp32 err':>9} {'tf32 err':>9}")
+    for r in rows:
+        print(f"{r['atoms']:>7} {r['fp32_ms']:>8.2f} {r['tf32_ms']:>8.2f} {r['neighbor_list_ms']:>7.2f} "
+              f"{r['fp32_peak_gib']:>9.2f} {r['fp32_gib_per_10k_atoms']:>8.2f} "
+              f"{r.get('fp32_force_rel_err', float('nan')):>9.1e} {r.get('tf32_force_rel_err', float('nan')):>9.1e}")
+    return {"rows": rows}
+
+
+def _largest_that_fits(model, device, start: int):
+    n, best = start, None
+    while n <= 4_000_000:
+        try:
+            _, inputs = box_tensors(n, device, torch.float32)
+            model.compute(*inputs, True, False)
+            best = n
+            n *= 2
+        except torch.OutOfMemoryError:
+            break
+        except RuntimeError as exc:  # TorchScript wraps the OOM
+            if "out of memory" not in str(exc):
+                raise
+            break
+        finally:
+            torch.cuda.empty_cache()
+    return best
+
+
+def profile_transip(args, files: Dict[str, Path], device: torch.device) -> Dict:
+    return {"runs": [profile_one(files, device, n) for n in (min(args.sizes), max(args.sizes))]}
+
+
+def profile_one(files: Dict[str, Path], device: torch.device, n_atoms: int) -> Dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    model = load_exported(files["float32"], device=device)
+    model.check_inputs = False
+    _, inputs = box_tensors(n_atoms, device, torch.float32)
+    for _ in range(3):
+        model.compute(*inputs, True, False)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        model.compute(*inputs, True, False)
+        torch.cuda.synchronize()
+    classes = {"matmul": 0.0, "gather/scatter": 0.0, "other": 0.0}
+    per_kernel: Dict[str, List[float]] = {}
+    count = 0
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        count += 1
+        us = ev.device_time
+        name = ev.name
+        low = name.lower()
+        if any(k in low for k in ("gemm", "cutlass", "sm90", "xmma", "matmul", "bmm")):
+            classes["matmul"] += us
+        elif any(k in low for k in ("index", "scatter", "gather")):
+            classes["gather/scatter"] += us
+        else:
+            classes["other"] += us
+        per_kernel.setdefault(name, []).append(us)
+    busy = sum(classes.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -sum(kv[1]))[:15]
+    wall = cuda_time_ms(lambda: model.compute(*inputs, True, False), warmup=1, repeats=3)
+    print(f"\nprofile at {n_atoms} atoms: {count} kernels, GPU busy {busy / 1e3:.2f} ms of {wall:.2f} ms wall")
+    for k, v in classes.items():
+        print(f"  {k:>15}: {v / 1e3:8.2f} ms ({100 * v / max(busy, 1e-9):5.1f} %)")
+    for name, times in top:
+        print(f"  {sum(times) / 1e3:8.2f} ms  x{len(times):<4} {name[:100]}")
+    return {"atoms": n_atoms, "kernels": count, "busy_ms": busy / 1e3, "wall_ms": wall,
+            "classes_ms": {k: v / 1e3 for k, v in classes.items()},
+            "top": [{"name": n, "ms": sum(t) / 1e3, "calls": len(t)} for n, t in top]}
+
+
+# ----------------------------------------------------------------------------- MACE
+def mace_model(cueq: bool, device: torch.device):
+    import numpy as np
+    from e3nn import o3
+    from mace.modules import blocks
+    from mace.modules.models import ScaleShiftMACE
+
+    kwargs = {}
+    if cueq:
+        from mace.modules.wrapper_ops import CuEquivarianceConfig
+
+        kwargs["cueq_config"] = CuEquivarianceConfig(enabled=True, layout="ir_mul",
+                                                     group="O3_e3nn", optimize_all=True)
+    torch.manual_seed(0)
+    model = ScaleShiftMACE(
+        r_max=5.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=3,
+        interaction_cls=blocks.RealAgnosticResidualInteractionBlock,
+        interaction_cls_first=blocks.RealAgnosticInteractionBlock,
+        num_interactions=2, num_elements=2, hidden_irreps=o3.Irreps("96x0e"),
+        MLP_irreps=o3.Irreps("16x0e"), atomic_energies=np.zeros(2), avg_num_neighbors=40.0,
+        atomic_numbers=[1, 8], correlation=3, gate=torch.nn.functional.silu,
+        atomic_inter_scale=1.0, atomic_inter_shift=0.0, **kwargs,
+    )
+    return model.to(device=device, dtype=torch.float32).eval()
+
+
+def mace_graph(atoms, device: torch.device) -> Dict[str, torch.Tensor]:
+    from transip_md.model.neighbors import neighbor_pairs
+
+    pos = torch.tensor(atoms.positions, dtype=torch.float32, device=device)
+    cell = torch.tensor(atoms.cell.array, dtype=torch.float32, device=device)
+    i, j, s = neighbor_pairs(pos, cell, torch.tensor([True] * 3, device=device), 5.0)
+    one_hot = torch.zeros(len(atoms), 2, device=device)
+    one_hot[torch.tensor(atoms.numbers, device=device) == 8, 1] = 1.0
+    one_hot[torch.tensor(atoms.numbers, device=device) == 1, 0] = 1.0
+    return {
+        "positions": pos, "node_attrs": one_hot,
+        "edge_index": torch.stack([i, j]).long(),  # MACE: vec = pos[receiver=1] - pos[sender=0] + shift
+        "shifts": (s.to(torch.float32) @ cell), "unit_shifts": s.to(torch.float32),
+        "cell": cell, "batch": torch.zeros(len(atoms), dtype=torch.long, device=device),
+        "ptr": torch.tensor([0, len(atoms)], device=device),
+        "head": torch.zeros(1, dtype=torch.long, device=device),
+        "weight": torch.ones(1, device=device), "energy_weight": torch.ones(1, device=device),
+    }
+
+
+def bench_mace(args, device: torch.device) -> Dict:
+    # e3nn 0.4.4 (pinned by mace-torch) torch.load()s its own bundled constants file, which the
+    # weights-only default of torch >= 2.6 refuses; it is package data, not user input.
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    try:  # without its kernels cuEquivariance silently falls back to a slow reference path
+        import cuequivariance_ops_torch  # noqa: F401
+    except Exception as exc:
+        raise RuntimeError(f"cuEquivariance kernels unavailable: {type(exc).__name__}: {exc}") from None
+    rows = []
+    for n_atoms in args.sizes:
+        atoms = water_box(n_atoms // WATER_ATOMS, seed=0)
+        graph = mace_graph(atoms, device)
+        row: Dict = {"atoms": len(atoms), "edges": int(graph["edge_index"].shape[1])}
+        for label, cueq in (("plain", False), ("cueq", True)):
+            try:
+                model = mace_model(cueq, device)
+                call = lambda: model(dict(graph), training=False, compute_force=True)  # noqa: E731
+                row[f"{label}_ms"] = cuda_time_ms(call)
+                row[f"{label}_peak_gib"] = peak_bytes(call) / GiB
+            except Exception as exc:  # keep the other variant and sizes
+                row[f"{label}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"rows": rows, "hyperparameters": "96x0e, max_ell 3, correlation 3, 2 interactions, r_max 5 A, 8 Bessel, MLP 16x0e"}
+
+
+# ----------------------------------------------------------------------------- OpenMM
+def bench_openmm(args, files: Dict[str, Path], out: Path) -> Dict:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "openmm_gpu.py"), "--model", str(files["float32"]),
+           "--sizes", *[str(n // WATER_ATOMS) for n in args.openmm_sizes], "--json", str(out / "openmm.json")]
+    if args.nvrtc_stub:
+        cmd += ["--nvrtc-stub", args.nvrtc_stub]
+    if args.graph_warmup is not None:
+        cmd += ["--graph-warmup", str(args.graph_warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.openmm_timeout)
+    print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
+    if proc.returncode != 0:
+        return {"error": f"openmm_gpu.py exited {proc.returncode}", "stderr": proc.stderr[-2000:]}
+    return json.loads((out / "openmm.json").read_text())
+
+
+# ----------------------------------------------------------------------------- main
+def summary(results: Dict) -> None:
+    t = {r["atoms"]: r for r in results.get("transip", {}).get("rows", [])}
+    m = {r["atoms"]: r for r in results.get("mace", {}).get("rows", [])}
+    print(f"\n{'atoms':>7} {'TransIP ms':>11} {'MACE ms':>8} {'MACE cueq ms':>13} {'x plain':>8} {'x cueq':>7}")
+    for n, r in t.items():
+        ms = min(r["fp32_ms"], r["tf32_ms"])
+        mr = m.get(n, {})
+        plain, cueq = mr.get("plain_ms"), mr.get("cueq_ms")
+        print(f"{n:>7} {ms:>11.2f} {plain or float('nan'):>8.2f} {cueq or float('nan'):>13.2f} "
+              f"{(plain or float('nan')) / ms:>8.2f} {(cueq or float('nan')) / ms:>7.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="transip,profile,mace,openmm")
+    p.add_argument("--size", default="s", help="named TransIP size for the random model")
+    p.add_argument("--model", default=None, help="an exported float32 file instead (float64 sibling for errors: --model64)")
+    p.add_argument("--model64", default=None)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1536, 6144, 24576])
+    p.add_argument("--largest", action="store_true", help="also the largest box that fits (doubling)")
+    p.add_argument("--accuracy-max-atoms", type=int, default=6144)
+    p.add_argument("--openmm-sizes", type=int, nargs="+", default=[1536, 6144])
+    p.add_argument("--openmm-timeout", type=int, default=300)
+    p.add_argument("--nvrtc-stub", default=None, help="preload this libnvrtc.so.12 (test machines)")
+    p.add_argument("--graph-warmup", type=int, default=3, help="OpenMM-Torch CUDAGraphWarmupSteps")
+    p.add_argument("--out", default="runs/gpu_bench")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_bench.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    results: Dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            files = {"float32": Path(args.model), "float64": Path(args.model64 or args.model)}
+        else:
+            files = random_model_files(args.size, Path(tmp))
+        for part, fn in (("transip", lambda: bench_transip(args, files, device)),
+                         ("profile", lambda: profile_transip(args, files, device)),
+                         ("mace", lambda: bench_mace(args, device)),
+                         ("openmm", lambda: bench_openmm(args, files, out))):
+            if part not in parts:
+                continue
+            try:
+                results[part] = fn()
+            except Exception as exc:
+                traceback.print_exc()
+                results[part] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            (out / "gpu_bench.json").write_text(json.dumps(results, indent=1))
+    summary(results)
+
+
+if __name__ == "__main__":
+    main()
