@@ -20,6 +20,9 @@ Parts (``--parts``, comma list; a part whose packages are missing is reported an
   timed call (TransIP's neighbour list is timed inside; that favours MACE).
 * ``openmm``: OpenMM CUDA platform steps/s through TorchForce with and without CUDA graphs (runs
   ``benchmarks/openmm_gpu.py`` in a subprocess so a crash there cannot take this run down).
+* ``lammps``: LAMMPS timesteps/s of the periodic water deck (``fix nve``, 0.5 fs) with
+  ``pair_style transip device cuda``, one rank; needs ``--lmp`` (the LAMMPS executable) and
+  ``--plugin`` (``python -m transip_md.lammps build`` prints it).
 
 Prints one table per part and writes ``OUT/gpu_bench.json``.
 """
@@ -303,6 +306,54 @@ def bench_openmm(args, files: Dict[str, Path], out: Path) -> Dict:
     return json.loads((out / "openmm.json").read_text())
 
 
+# ----------------------------------------------------------------------------- LAMMPS
+LAMMPS_DECK = """units metal
+atom_style atomic
+boundary p p p
+read_data {data}
+plugin load {plugin}
+pair_style transip device cuda
+pair_coeff * * {model} O H
+neighbor 1.0 bin
+neigh_modify every 1 delay 0 check yes
+timestep 0.0005
+velocity all create 300.0 4928459 mom yes rot yes dist gaussian
+fix 1 all nve
+thermo 50
+run 20
+run {steps}
+"""
+
+
+def bench_lammps(args, files: Dict[str, Path], out: Path) -> Dict:
+    import re
+
+    sys.path.insert(0, str(ROOT / "lammps_examples"))
+    from make_water_box import write_lammps_data
+
+    if not (args.lmp and args.plugin):
+        raise RuntimeError("the lammps part needs --lmp and --plugin")
+    rows = []
+    for n_atoms in args.lammps_sizes:
+        atoms = water_box(n_atoms // WATER_ATOMS, seed=0)
+        data = out / f"water{len(atoms)}.data"
+        write_lammps_data(data, atoms)
+        deck = out / f"in.water{len(atoms)}"
+        deck.write_text(LAMMPS_DECK.format(data=data, plugin=args.plugin, model=files["float32"],
+                                           steps=args.lammps_steps))
+        proc = subprocess.run([args.lmp, "-in", str(deck), "-log", "none"], capture_output=True,
+                              text=True, timeout=args.lammps_timeout)
+        loops = re.findall(r"Loop time of ([0-9.eE+-]+) on \d+ procs for (\d+) steps", proc.stdout)
+        if proc.returncode != 0 or len(loops) < 2:
+            rows.append({"atoms": len(atoms), "error": (proc.stdout + proc.stderr)[-1500:]})
+        else:
+            seconds, steps = float(loops[-1][0]), int(loops[-1][1])
+            rows.append({"atoms": len(atoms), "steps": steps, "seconds": seconds,
+                         "timesteps_per_s": steps / seconds, "ns_per_day": steps / seconds * 0.5e-6 * 86400})
+        print(json.dumps(rows[-1])[:400], flush=True)
+    return {"rows": rows}
+
+
 # ----------------------------------------------------------------------------- main
 def summary(results: Dict) -> None:
     t = {r["atoms"]: r for r in results.get("transip", {}).get("rows", [])}
@@ -318,7 +369,7 @@ def summary(results: Dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="transip,profile,mace,openmm")
+    p.add_argument("--parts", default="transip,profile,mace,openmm,lammps")
     p.add_argument("--size", default="s", help="named TransIP size for the random model")
     p.add_argument("--model", default=None, help="an exported float32 file instead (float64 sibling for errors: --model64)")
     p.add_argument("--model64", default=None)
@@ -329,6 +380,11 @@ def main() -> None:
     p.add_argument("--openmm-timeout", type=int, default=300)
     p.add_argument("--nvrtc-stub", default=None, help="preload this libnvrtc.so.12 (test machines)")
     p.add_argument("--graph-warmup", type=int, default=3, help="OpenMM-Torch CUDAGraphWarmupSteps")
+    p.add_argument("--lmp", default=None, help="LAMMPS executable (lammps part)")
+    p.add_argument("--plugin", default=None, help="transipplugin.so (lammps part)")
+    p.add_argument("--lammps-sizes", type=int, nargs="+", default=[1536, 6144])
+    p.add_argument("--lammps-steps", type=int, default=100)
+    p.add_argument("--lammps-timeout", type=int, default=300)
     p.add_argument("--out", default="runs/gpu_bench")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -346,7 +402,8 @@ def main() -> None:
         for part, fn in (("transip", lambda: bench_transip(args, files, device)),
                          ("profile", lambda: profile_transip(args, files, device)),
                          ("mace", lambda: bench_mace(args, device)),
-                         ("openmm", lambda: bench_openmm(args, files, out))):
+                         ("openmm", lambda: bench_openmm(args, files, out)),
+                         ("lammps", lambda: bench_lammps(args, files, out))):
             if part not in parts:
                 continue
             try:
