@@ -221,6 +221,18 @@ def test_unknown_element_openmm(files):
         _openmm_energy(files["model"], molecule("CH3Cl"))
 
 
+def test_atom_without_element_openmm(files):
+    """Raised by make_torch_force, before any Context exists."""
+    pytest.importorskip("openmmtorch")
+    from transip_openmm import make_torch_force, topology_from_ase
+
+    topology, _ = topology_from_ase(molecule("H2O"), infer_bonds=False)
+    residue = next(topology.residues())
+    topology.addAtom("EP", None, residue)
+    with pytest.raises(ValueError, match=r"topology atom 3 \(name 'EP'.*has no element"):
+        make_torch_force(str(files["model"]), topology)
+
+
 def test_unknown_element_lammps(files, plugin, tmp_path):
     atoms = in_box(molecule("H2O"))
     data = tmp_path / "w.data"
@@ -244,48 +256,65 @@ import sys
 import numpy as np, openmm, openmm.unit as u
 from ase.build import molecule
 from transip_openmm import make_torch_force, topology_from_ase
-model, platform, case = sys.argv[1:4]
+model, platform, case, wrapper = sys.argv[1:5]
 atoms = molecule("H2O")
 if case == "nan":
     atoms.positions[1, 2] = float("nan")
-else:
+elif case == "overlap":
     atoms.positions[2] = atoms.positions[1]
+elif case == "image":  # on top of the periodic image of atom 1 (box 3 nm)
+    atoms.positions[2] = atoms.positions[1] + [30.0, 0.0, 0.0]
 topology, _ = topology_from_ase(atoms, infer_bonds=False)
+box = [openmm.Vec3(3, 0, 0), openmm.Vec3(0, 3, 0), openmm.Vec3(0, 0, 3)]
+if wrapper.startswith("periodic"):
+    topology.setPeriodicBoxVectors(box * u.nanometer)
 system = openmm.System()
+system.setDefaultPeriodicBoxVectors(*box)
 for a in atoms:
     system.addParticle(a.mass)
-system.addForce(make_torch_force(model, topology))
+options = {"state": dict(global_parameters=True), "scaled": dict(scale_parameter="lam")}
+system.addForce(make_torch_force(model, topology, **options.get(wrapper.split("-")[-1], {})))
 context = openmm.Context(system, openmm.VerletIntegrator(0.001),
                          openmm.Platform.getPlatformByName(platform))
 context.setPositions([openmm.Vec3(*(p / 10)) for p in atoms.positions] * u.nanometer)
+if case == "thin":  # a box far too thin for the cutoff, set after the force was checked
+    context.setPeriodicBoxVectors(openmm.Vec3(0.005, 0, 0), openmm.Vec3(0, 3, 0),
+                                  openmm.Vec3(0, 0, 3))
 try:
     context.getState(getEnergy=True)
 except Exception as exc:
-    print("ERROR", str(exc).strip().splitlines()[-1])
+    print("ERROR", type(exc).__name__, str(exc).strip().splitlines()[-1])
     sys.exit(3)
 sys.exit(0)
 """
 
-OPENMM_CRASH = pytest.mark.xfail(strict=True, reason=(
-    "BUG: an input error raised by the TransIP model inside an OpenMM Context segfaults the "
-    "process (a bare TorchScript module that raises inside TorchForce is reported cleanly)"))
 
+def _openmm_bad_positions(model, platform, case, wrapper="open"):
+    """In a subprocess: a crash must not take the test session down.
 
-def _openmm_bad_positions(model, platform, case):
-    """In a subprocess: a crash must not take the test session down."""
+    These used to segfault (issue #6): OpenMM-Torch freezes the module, which deleted the
+    wrapper's helper methods while forward's inlined call stacks still pointed at them; the
+    interpreter read them when building the error's traceback. See the note in torchforce.py.
+    """
     pytest.importorskip("openmmtorch")
-    return subprocess.run([sys.executable, "-c", OPENMM_BAD_POSITIONS, str(model), platform, case],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", OPENMM_BAD_POSITIONS, str(model), platform, case,
+                           wrapper], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("platform", [
-    pytest.param("Reference", marks=OPENMM_CRASH),
-    "CPU",  # the CPU platform checks coordinates itself before calling the force
-])
-def test_non_finite_position_openmm(files, platform):
-    out = _openmm_bad_positions(files["model"], platform, "nan")
+def assert_openmm_error(out, pattern):
+    """A Python OpenMMException carrying the model's message (no crash, no garbled text)."""
     assert out.returncode == 3, (out.returncode, out.stderr[-1500:])
-    assert re.search(r"(not finite|coordinate is NaN)", out.stdout), out.stdout
+    assert out.stdout.startswith("ERROR OpenMMException "), out.stdout
+    assert re.search(pattern, out.stdout), out.stdout
+
+
+@pytest.mark.parametrize("platform,message", [
+    ("Reference", r"ValueError: position of atom 1 is not finite"),
+    ("CPU", r"Particle coordinate is NaN"),  # the CPU platform checks coordinates itself first
+])
+def test_non_finite_position_openmm(files, platform, message):
+    out = _openmm_bad_positions(files["model"], platform, "nan")
+    assert_openmm_error(out, message)
 
 
 # ============================================================================= 3. same position
@@ -304,12 +333,45 @@ def test_overlapping_atoms_periodic_image(files):
         _call(files, "exported", atoms)
 
 
-@OPENMM_CRASH
 @pytest.mark.parametrize("platform", ["Reference", "CPU"])
 def test_overlapping_atoms_openmm(files, platform):
     out = _openmm_bad_positions(files["model"], platform, "overlap")
-    assert out.returncode == 3, (out.returncode, out.stderr[-1500:])
-    assert re.search(r"atoms [12] and [12] are at the same position", out.stdout), out.stdout
+    assert_openmm_error(out, r"ValueError: atoms [12] and [12] are at the same position")
+
+
+@pytest.mark.parametrize("case,wrapper,message", [
+    ("overlap", "periodic", r"atoms [12] and [12] are at the same position"),
+    ("image", "periodic", r"atoms [12] and [12] are at the same position"),
+    ("overlap", "open-state", r"atoms [12] and [12] are at the same position"),
+    ("overlap", "periodic-state", r"atoms [12] and [12] are at the same position"),
+    ("overlap", "open-scaled", r"atoms [12] and [12] are at the same position"),
+    ("nan", "periodic-scaled", r"position of atom 1 is not finite"),
+    ("thin", "periodic", r"too thin along axis 0"),
+])
+def test_model_errors_openmm_wrappers(files, case, wrapper, message):
+    """Every wrapper variant reports the model's error as a Python exception."""
+    out = _openmm_bad_positions(files["model"], "Reference", case, wrapper)
+    assert_openmm_error(out, message)
+
+
+def test_openmm_wrappers_survive_freezing(files):
+    """OpenMM-Torch runs ``torch::jit::freeze`` on the module. Freezing deletes the top-level
+    module's methods other than ``forward`` (and those of submodules whose attributes it cannot
+    fold) while ``forward``'s inlined code still points at them, so an error raised by the
+    model then reads freed memory (issue #6). Every wrapper must therefore have ``forward`` as
+    its only method, and fold completely."""
+    pytest.importorskip("openmmtorch")
+    from transip_openmm import torchforce
+
+    for (periodic, state, scaled) in torchforce._WRAPPERS:
+        for capacity in (0, 2):
+            scripted = torchforce._script_wrapper(
+                files["exported"], [8, 1, 1], None, 0, 1, periodic, torch.float64, capacity,
+                state, scaled)
+            assert scripted._c._method_names() == ["forward"], (periodic, state, scaled)
+            frozen = torch.jit.freeze(scripted.eval())
+            left = [n.s("name") for n in frozen.graph.findAllNodes("prim::GetAttr")]
+            assert left == [], (periodic, state, scaled, capacity, left)
 
 
 def test_overlapping_atoms_lammps(files, plugin, tmp_path):
@@ -476,8 +538,11 @@ def test_newer_format_version(files, entry):
 
 
 def test_newer_format_version_lammps(files, plugin, tmp_path):
+    from transip_md.export import FORMAT_VERSION  # the plugin reads what the exporter writes
+
     out = run_lammps(tmp_path, plugin, files["newer"], atoms=in_box(molecule("H2O")))
-    assert_lammps_error(out, r"format_version 99 but this plugin reads format_version <= 1")
+    assert_lammps_error(out, rf"format_version 99 but this plugin reads format_version <= "
+                             rf"{FORMAT_VERSION}\b")
 
 
 # ============================================================================= 10. wrong LAMMPS units

@@ -183,9 +183,28 @@ def _resolve_precision(precision) -> Optional[torch.dtype]:
 
 
 # ----------------------------------------------------------------------------- the wrapper
+# Why the wrappers look the way they do (issue #6): OpenMM-Torch (1.5, Reference/CPU and CUDA
+# kernels alike) runs ``torch::jit::freeze`` on the module before the first step. Freezing
+# inlines every method that ``forward`` calls into ``forward``'s graph, recording for each inlined
+# node a *raw* ``Function*`` to the method it came from (its InlinedCallStack), and then deletes
+# the top-level module's methods other than ``forward`` (``removeUnusedAttrs`` ->
+# ``CompilationUnit::unsafeRemoveMethod``). When the model later raises (NaN coordinates, two atoms
+# at the same position, ...), ``InterpreterStateImpl::callstack()`` walks those inlined call
+# stacks to build the TorchScript traceback and reads the deleted functions' names: a
+# use-after-free (torch 2.9.1; valgrind shows the invalid reads), which segfaults or garbles the
+# message depending on what has reused the memory. Submodule methods are not deleted (only types
+# with attributes that freezing could not fold are cleaned up; there are none here), nor are free
+# functions.
+#
+# So: the OpenMM-facing wrappers below have **no method besides ``forward``**. The shared work
+# lives in the ``forward`` of a submodule (:class:`_TransIPEnergy`, attribute ``core``) and in the
+# free function :func:`_state_from`. ``test_openmm_wrappers_survive_freezing``
+# (tests/test_bad_inputs.py) checks both conditions; do not add helper methods to the wrappers.
+# (A bare module whose ``forward`` calls the model directly was never affected, which is why
+# a hand-made wrapper reported the same errors cleanly.)
 class _TransIPEnergy(nn.Module):
-    """Shared part of the scripted wrappers; subclasses only differ in ``forward``'s signature
-    (OpenMM-Torch passes the box when periodic, then one tensor per global parameter)."""
+    """The model call, shared by the wrappers: ``forward(positions, box, charge, multiplicity)``
+    with positions and box in nm, returns the energy (kJ/mol) of the ML atoms."""
 
     def __init__(
         self,
@@ -216,7 +235,7 @@ class _TransIPEnergy(nn.Module):
         self.angstrom_per_nm = ANGSTROM_PER_NM
         self.kj_per_mol_per_ev = KJ_PER_MOL_PER_EV
 
-    def energy_kj(self, positions: Tensor, box: Tensor, charge: Tensor, multiplicity: Tensor) -> Tensor:
+    def forward(self, positions: Tensor, box: Tensor, charge: Tensor, multiplicity: Tensor) -> Tensor:
         """Energy (kJ/mol) of the ML atoms; ``positions`` and ``box`` in nm."""
         if self.use_subset:
             positions = positions.index_select(0, self.indices)
@@ -231,44 +250,55 @@ class _TransIPEnergy(nn.Module):
                                        multiplicity)
         return energy.to(torch.float64) * self.kj_per_mol_per_ev
 
-    def state_from(self, charge: Tensor, multiplicity: Tensor) -> Tuple[Tensor, Tensor]:
-        """Global-parameter tensors (floats) -> integer charge and multiplicity tensors."""
-        q = torch.round(charge.reshape(-1)[0]).to(torch.long)
-        m = torch.round(multiplicity.reshape(-1)[0]).to(torch.long)
-        return q, m
+
+def _state_from(charge: Tensor, multiplicity: Tensor) -> Tuple[Tensor, Tensor]:
+    """Global-parameter tensors (floats) -> integer charge and multiplicity tensors."""
+    q = torch.round(charge.reshape(-1)[0]).to(torch.long)
+    m = torch.round(multiplicity.reshape(-1)[0]).to(torch.long)
+    return q, m
 
 
-class _Open(_TransIPEnergy):
+class _Wrapper(nn.Module):
+    """Base of the scripted wrappers; subclasses only differ in ``forward``'s signature
+    (OpenMM-Torch passes the box when periodic, then one tensor per global parameter).
+    Subclasses must not define methods other than ``forward`` (see the note above)."""
+
+    def __init__(self, core: _TransIPEnergy):
+        super().__init__()
+        self.core = core
+
+
+class _Open(_Wrapper):
     def forward(self, positions: Tensor) -> Tensor:
-        return self.energy_kj(positions, self.open_cell, self.charge, self.multiplicity)
+        return self.core(positions, self.core.open_cell, self.core.charge, self.core.multiplicity)
 
 
-class _Periodic(_TransIPEnergy):
+class _Periodic(_Wrapper):
     def forward(self, positions: Tensor, box: Tensor) -> Tensor:
-        return self.energy_kj(positions, box, self.charge, self.multiplicity)
+        return self.core(positions, box, self.core.charge, self.core.multiplicity)
 
 
-class _OpenState(_TransIPEnergy):
+class _OpenState(_Wrapper):
     def forward(self, positions: Tensor, charge: Tensor, multiplicity: Tensor) -> Tensor:
-        q, m = self.state_from(charge, multiplicity)
-        return self.energy_kj(positions, self.open_cell, q, m)
+        q, m = _state_from(charge, multiplicity)
+        return self.core(positions, self.core.open_cell, q, m)
 
 
-class _PeriodicState(_TransIPEnergy):
+class _PeriodicState(_Wrapper):
     def forward(self, positions: Tensor, box: Tensor, charge: Tensor, multiplicity: Tensor) -> Tensor:
-        q, m = self.state_from(charge, multiplicity)
-        return self.energy_kj(positions, box, q, m)
+        q, m = _state_from(charge, multiplicity)
+        return self.core(positions, box, q, m)
 
 
-class _OpenScaled(_TransIPEnergy):
+class _OpenScaled(_Wrapper):
     def forward(self, positions: Tensor, scale: Tensor) -> Tensor:
-        energy = self.energy_kj(positions, self.open_cell, self.charge, self.multiplicity)
+        energy = self.core(positions, self.core.open_cell, self.core.charge, self.core.multiplicity)
         return scale.reshape(-1)[0].to(energy.dtype) * energy
 
 
-class _PeriodicScaled(_TransIPEnergy):
+class _PeriodicScaled(_Wrapper):
     def forward(self, positions: Tensor, box: Tensor, scale: Tensor) -> Tensor:
-        energy = self.energy_kj(positions, box, self.charge, self.multiplicity)
+        energy = self.core(positions, box, self.core.charge, self.core.multiplicity)
         return scale.reshape(-1)[0].to(energy.dtype) * energy
 
 
@@ -281,6 +311,17 @@ _WRAPPERS = {
     (False, False, True): _OpenScaled,
     (True, False, True): _PeriodicScaled,
 }
+
+
+def _script_wrapper(model, numbers: List[int], indices: Optional[Tensor], charge: int,
+                    multiplicity: int, periodic: bool, dtype: torch.dtype, capacity: int,
+                    state_parameters: bool, scale_parameter: bool) -> torch.jit.ScriptModule:
+    """The scripted module that OpenMM-Torch calls (forward's arguments follow the force's
+    periodicity and global parameters)."""
+    core = _TransIPEnergy(model, torch.tensor(numbers, dtype=torch.long), indices, charge,
+                          multiplicity, periodic, dtype, capacity)
+    cls = _WRAPPERS[(periodic, state_parameters, scale_parameter)]
+    return torch.jit.script(cls(core))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -523,18 +564,8 @@ def make_torch_force(
     if cuda_graphs:
         capacity = _static_capacity(len(numbers), float(model.cutoff), periodic, box_vectors,
                                     neighbor_capacity)
-    cls = _WRAPPERS[(periodic, bool(global_parameters), scale_parameter is not None)]
-    wrapper = cls(
-        model,
-        torch.tensor(numbers, dtype=torch.long),
-        indices,
-        charge,
-        multiplicity,
-        periodic,
-        dtype,
-        capacity,
-    )
-    scripted = torch.jit.script(wrapper)
+    scripted = _script_wrapper(model, numbers, indices, charge, multiplicity, periodic, dtype,
+                               capacity, bool(global_parameters), scale_parameter is not None)
     if os.environ.get("TRANSIP_TORCHFORCE_VIA_FILE"):
         # Hand OpenMM-Torch a file instead of an in-memory module: passing a module object
         # across the pybind boundary segfaults when the running torch is not the one the
