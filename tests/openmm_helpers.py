@@ -86,7 +86,10 @@ def system_with(force, atoms: Atoms) -> openmm.System:
 
 def context_for(system, positions, platform, box=None, integrator=None) -> openmm.Context:
     integrator = integrator or openmm.VerletIntegrator(0.5 * u.femtosecond)
-    context = openmm.Context(system, integrator, platform)
+    # The CUDA platform's default 'single' precision hands TorchForce float32 positions
+    # (~1e-7 relative rounding); the float64 tolerances need 'double'.
+    properties = {"Precision": "double"} if platform.getName() == "CUDA" else {}
+    context = openmm.Context(system, integrator, platform, properties)
     if box is not None:
         context.setPeriodicBoxVectors(*box)
     context.setPositions(positions)
