@@ -581,6 +581,9 @@ def make_torch_force(
         force = openmmtorch.TorchForce(scripted)
     if cuda_graphs:
         force.setProperty("useCUDAGraphs", "true")
+        # Plain calls before capture, so that TorchScript's profiling executor has settled
+        # (it specialises the graph on the first runs) when the CUDA graph is recorded.
+        force.setProperty("CUDAGraphWarmupSteps", "3")
     force.setUsesPeriodicBoundaryConditions(periodic)
     force.setName("TransIP")
     if global_parameters:
