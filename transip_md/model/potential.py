@@ -270,16 +270,24 @@ class TransIPPotential(nn.Module):
         eye = torch.eye(3, dtype=positions.dtype, device=positions.device)
         # Open axes use the identity "cell" so that the inverse always exists.
         cell_eff = cell * pbc_f.unsqueeze(1) + eye * (1.0 - pbc_f).unsqueeze(1)
-        disp = positions.unsqueeze(0) - positions.unsqueeze(1)  # [i, j] = x_j - x_i
-        # inv_ex, not inv: inv checks for singularity on the host (a device sync), which breaks
-        # CUDA-graph capture; cell_eff is invertible by construction (open axes use identity).
-        frac = disp @ torch.linalg.inv_ex(cell_eff)[0]
-        frac = frac - torch.round(frac).detach() * pbc_f
-        disp = frac @ cell_eff
-        with torch.no_grad():
-            d2 = (disp * disp).sum(-1) + eye.new_full((n_atoms,), 1e30).diag()
-            nearest, index = torch.topk(d2, capacity, dim=1, largest=False)
-        nbr_vec = disp.gather(1, index.unsqueeze(-1).expand(n_atoms, capacity, 3))
+        # Select neighbours without autograd over the dense [N, N, 3] displacements, then
+        # recompute only the selected ones differentiably: the backward pass then never touches
+        # an N^2 tensor.
+        # (detach(), not torch.no_grad(): under TorchScript the no_grad block gave wrong
+        # gradients for the recomputed vectors below.)
+        fixed = positions.detach()
+        cell_fixed = cell_eff.detach()
+        disp = fixed.unsqueeze(0) - fixed.unsqueeze(1)  # [i, j] = x_j - x_i
+        # inv_ex, not inv: inv checks for singularity on the host (a device sync), which
+        # breaks CUDA-graph capture; cell_eff is invertible by construction.
+        frac = disp @ torch.linalg.inv_ex(cell_fixed)[0]
+        image = torch.round(frac) * pbc_f  # lattice vectors to subtract (minimum image)
+        disp = (frac - image) @ cell_fixed
+        d2 = (disp * disp).sum(-1) + eye.new_full((n_atoms,), 1e30).diag()
+        nearest, index = torch.topk(d2, capacity, dim=1, largest=False)
+        nbr_image = image.gather(1, index.unsqueeze(-1).expand(n_atoms, capacity, 3))
+        nbr_pos = positions.index_select(0, index.reshape(-1)).view(n_atoms, capacity, 3)
+        nbr_vec = nbr_pos - positions.unsqueeze(1) - nbr_image @ cell_eff
         q = charge.reshape(1).to(torch.long).expand(n_atoms)
         m = spin.reshape(1).to(torch.long).expand(n_atoms)
         energies, _ = self.network(numbers, q, m, index, nbr_vec)
