@@ -23,16 +23,43 @@ TYPE_ORDER = ("O", "H")
 
 
 # ----------------------------------------------------------------------------- model file
+def _format_one_class():
+    """TransIPPotential as format version 1 scripted it: without the halo_* entry points
+    (overridden here by plain methods, which ``torch.jit.script`` leaves out of the file)."""
+    from transip_md.model import TransIPPotential
+
+    class FormatOnePotential(TransIPPotential):
+        def halo_feature_width(self):
+            raise NotImplementedError
+
+        def halo_edges(self, *args):
+            raise NotImplementedError
+
+        def halo_embed(self, *args):
+            raise NotImplementedError
+
+        def halo_layer(self, *args):
+            raise NotImplementedError
+
+        def halo_readout(self, *args):
+            raise NotImplementedError
+
+    return FormatOnePotential
+
+
 def make_model_file(path: Path, dtype: torch.dtype = torch.float64, seed: int = 0,
-                    elements: Sequence[str] = ("H", "O"), format_version: int = 1) -> Path:
+                    elements: Sequence[str] = ("H", "O"), format_version: int = 2,
+                    size: str = "tiny") -> Path:
     """THE one place that writes the TorchScript file the tests load (random ``tiny`` model:
-    2 layers x 4 Å cutoff = 8 Å receptive field). Switch to ``transip_md.export`` here."""
+    2 layers x 4 Å cutoff = 8 Å receptive field). Switch to ``transip_md.export`` here.
+    ``format_version=1`` writes a file as format 1 did (no halo entry points)."""
     from ase.data import atomic_numbers
 
     from transip_md.model import TransIPPotential, named_config
 
     torch.manual_seed(seed)
-    model = TransIPPotential(named_config("tiny")).to(dtype)
+    cls = _format_one_class() if format_version == 1 else TransIPPotential
+    model = cls(named_config(size)).to(dtype)
     model.supported_elements[[atomic_numbers[s] for s in elements]] = True
     model.format_version = format_version
     torch.jit.save(torch.jit.script(model), str(path))

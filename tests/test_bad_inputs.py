@@ -449,12 +449,13 @@ def test_box_too_small_lammps_fails_cleanly(files, plugin, tmp_path):
     assert_lammps_error(out, r".")
 
 
-@pytest.mark.xfail(strict=True, reason="pair_style transip does not check the box against the "
-                   "cutoff; LAMMPS stops with 'Neighbor list overflow, boost neigh_modify one'")
 def test_box_too_small_lammps_names_the_box(files, plugin, tmp_path):
     atoms = Atoms("O", positions=[[0.1, 0.1, 0.1]], cell=[0.5, 0.5, 0.5], pbc=True)
     out = run_lammps(tmp_path, plugin, files["model"], atoms=atoms)
     assert_lammps_error(out, r"(?i)box|thin|small|cutoff")
+    # the message names the box and the cutoff (not LAMMPS' "boost neigh_modify one")
+    error = next(ln for ln in out.stdout.splitlines() if ln.startswith("ERROR"))
+    assert re.search(r"periodic box \(0\.5 x 0\.5 x 0\.5 Å.*cutoff 4 Å", error), error
 
 
 # ============================================================================= 7. zero / negative box

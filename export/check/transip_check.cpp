@@ -39,7 +39,7 @@
 namespace {
 
 // Highest model format version this program understands (export/CONTRACT.md).
-constexpr int64_t kMaxFormatVersion = 1;
+constexpr int64_t kMaxFormatVersion = 2;  // 2: halo_* entry points added (LAMMPS)
 
 // Symbols of Z = 1..83 (H..Bi), the range of the model's element embedding.
 const char* const kSymbols[] = {

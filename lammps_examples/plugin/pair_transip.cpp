@@ -9,6 +9,14 @@
      pair on) hands them to their owners; the virial is sum_i x_i . f_i.
    The model is exact when ghosts reach its receptive field (layers x cutoff),
    which init_style() guarantees through the ghost communication cutoff.
+
+   That is the `ghosts shell` mode. The default modes avoid the thick shell:
+   `map` (one rank, compute_owner_mapped) maps periodic ghosts to the owned
+   atoms they image; `halo` (several ranks, compute_halo) keeps ghosts only to
+   cutoff + skin and runs the network layer by layer, exchanging the features
+   of boundary atoms between layers (forward communication) and the gradients
+   ghost atoms received back to their owners in the backward pass (reverse
+   communication). All modes give the same energies and forces.
 ------------------------------------------------------------------------- */
 
 #include "pair_transip.h"
@@ -25,8 +33,10 @@
 #include "utils.h"
 
 #include <torch/cuda.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cctype>
@@ -116,7 +126,8 @@ std::string dtype_name(torch::Dtype t)
 
 PairTransIP::PairTransIP(LAMMPS *lmp) :
     Pair(lmp), device_request("cpu"), total_charge(0), multiplicity(1), prune(true),
-    jit_optimize(-1), ghost_request("auto"), owner_mapped(false), has_periodic_entry(false),
+    jit_optimize(-1), recompute(false), ghost_request("auto"), ghost_mode(GHOSTS_SHELL), has_periodic_entry(false),
+    has_halo_entry(false), feature_width(0), cutghost_before(0.0), cutghost_raised(0.0),
     device(torch::kCPU),
     model_dtype(torch::kFloat64), model_cutoff(0.0), receptive_field(0.0), num_layers(0),
     format_version(0), report_load(false)
@@ -159,7 +170,7 @@ void PairTransIP::allocate()
 
 /* ----------------------------------------------------------------------
    pair_style transip [device cpu|cuda] [charge Q] [multiplicity M] [prune yes|no]
-                      [jit_optimize yes|no]
+                      [jit_optimize yes|no] [ghosts auto|map|halo|shell] [recompute yes|no]
 ------------------------------------------------------------------------- */
 
 void PairTransIP::settings(int narg, char **arg)
@@ -174,6 +185,7 @@ void PairTransIP::settings(int narg, char **arg)
   int64_t new_charge = 0, new_mult = 1;
   bool new_prune = true;
   int new_jit = -1;
+  bool new_recompute = false;
   std::string new_ghosts = "auto";
   int iarg = 0;
   while (iarg < narg) {
@@ -197,15 +209,18 @@ void PairTransIP::settings(int narg, char **arg)
       new_prune = utils::logical(FLERR, value, false, lmp) == 1;
     } else if (key == "jit_optimize") {
       new_jit = utils::logical(FLERR, value, false, lmp);
+    } else if (key == "recompute") {
+      new_recompute = utils::logical(FLERR, value, false, lmp) == 1;
     } else if (key == "ghosts") {
-      if (value != "auto" && value != "map" && value != "shell")
-        error->all(FLERR, "pair_style transip: ghosts must be auto, map or shell, got '{}'",
+      if (value != "auto" && value != "map" && value != "halo" && value != "shell")
+        error->all(FLERR,
+                   "pair_style transip: ghosts must be auto, map, halo or shell, got '{}'",
                    value);
       new_ghosts = value;
     } else {
       error->all(FLERR,
                  "pair_style transip: unknown keyword '{}' (expected device, charge, "
-                 "multiplicity, prune, jit_optimize or ghosts)",
+                 "multiplicity, ghosts, prune, recompute or jit_optimize)",
                  key);
     }
     iarg += 2;
@@ -217,6 +232,7 @@ void PairTransIP::settings(int narg, char **arg)
   multiplicity = new_mult;
   prune = new_prune;
   jit_optimize = new_jit;
+  recompute = new_recompute;
   ghost_request = new_ghosts;
   select_device();
   // pair_style issued again after pair_coeff: keep the model, move it if needed
@@ -394,6 +410,10 @@ void PairTransIP::load_model(const std::string &path)
                path);
 
   has_periodic_entry = m.find_method("lammps_periodic").has_value();
+  has_halo_entry = true;
+  for (const char *name :
+       {"halo_feature_width", "halo_edges", "halo_embed", "halo_layer", "halo_readout"})
+    if (!m.find_method(name)) has_halo_entry = false;
   format_version = m.attr("format_version").toInt();
   if (format_version < 1)
     error->all(FLERR,
@@ -433,6 +453,18 @@ void PairTransIP::load_model(const std::string &path)
     model_dtype = p.scalar_type();
     break;
   }
+  feature_width = 0;
+  if (has_halo_entry) {
+    try {
+      feature_width = m.run_method("halo_feature_width").toInt();
+    } catch (const std::exception &e) {
+      error->all(FLERR, "pair_coeff for transip: halo_feature_width() of '{}' failed: {}", path,
+                 last_line_of(e.what()));
+    }
+    if (feature_width < 1 || feature_width > 65536)
+      error->all(FLERR, "pair_coeff for transip: '{}' declares {} features per atom", path,
+                 feature_width);
+  }
   m.eval();
   model = std::move(loaded);
 }
@@ -456,20 +488,70 @@ void PairTransIP::init_style()
                "pair_style transip needs comm_modify mode single (the ghost cutoff is set "
                "from the model's receptive field)");
 
-  // Owner-mapped mode (one rank): every periodic image LAMMPS keeps as a ghost is mapped back
-  // to the owned atom it images, so the model runs on the owned atoms only and ghosts are
-  // needed only out to the cutoff. Several ranks need the receptive-field ghost shell.
+  check_box();
+
+  // Ghost modes (all exact, see the top of this file):
+  //   map   (one rank)      periodic ghosts mapped to their owned atoms, ghosts to cutoff + skin
+  //   halo  (any ranks)     per-layer feature exchange, ghosts to cutoff + skin
+  //   shell (any ranks)     ghosts to receptive field + skin, model on the whole shell
+  // auto = map on one rank (with atom IDs), else halo; shell only for model files without the
+  // halo entry points (format_version 1).
   const bool can_map = comm->nprocs == 1 && atom->tag_enable && has_periodic_entry;
   if (ghost_request == "map" && !can_map)
     error->all(FLERR,
                "pair_style transip ghosts map needs one MPI rank, atom IDs and a model file "
                "with lammps_periodic() (this run: {} ranks, atom IDs {}, entry {}); use "
-               "ghosts shell or auto",
+               "ghosts halo, shell or auto",
                comm->nprocs, atom->tag_enable ? "on" : "off",
                has_periodic_entry ? "present" : "missing");
-  owner_mapped = can_map && ghost_request != "shell";
-  ghostneigh = owner_mapped ? 0 : 1;    // ghost-shell mode passes neighbours of ghosts too
-  if (owner_mapped) {
+  if (ghost_request == "halo" && !has_halo_entry)
+    error->all(FLERR,
+               "pair_style transip ghosts halo needs a model file with the halo entry points "
+               "(halo_edges, halo_embed, halo_layer, halo_readout: format_version 2); '{}' has "
+               "format_version {} without them. Re-export it with this transip-md "
+               "(python -m transip_md.export) or use ghosts shell",
+               model_path, format_version);
+  if (ghost_request == "map") {
+    ghost_mode = GHOSTS_MAP;
+  } else if (ghost_request == "halo") {
+    ghost_mode = GHOSTS_HALO;
+  } else if (ghost_request == "shell") {
+    ghost_mode = GHOSTS_SHELL;
+  } else if (can_map) {
+    ghost_mode = GHOSTS_MAP;
+  } else if (has_halo_entry) {
+    ghost_mode = GHOSTS_HALO;
+  } else {
+    ghost_mode = GHOSTS_SHELL;
+    if (comm->me == 0)
+      error->warning(FLERR,
+                     "pair_style transip: model file '{}' (format_version {}) has no halo entry "
+                     "points; {} MPI ranks fall back to the receptive-field ghost shell (ghosts "
+                     "to {:.4g} Å instead of {:.4g} Å: slower, same results). Re-export the "
+                     "model with this transip-md for the per-layer halo exchange",
+                     model_path, format_version, comm->nprocs,
+                     receptive_field + neighbor->skin, model_cutoff + neighbor->skin);
+  }
+
+  // Features and their gradients travel as W doubles per atom through LAMMPS' buffers, sized
+  // from comm_forward/comm_reverse by Comm::init() (called after this). Under pair_style
+  // hybrid the top-level style's sizes are the ones that count.
+  const int halo_size = ghost_mode == GHOSTS_HALO ? static_cast<int>(feature_width) : 0;
+  comm_forward = comm_reverse = halo_size;
+  if (force->pair && force->pair != this) {
+    force->pair->comm_forward = std::max(force->pair->comm_forward, halo_size);
+    force->pair->comm_reverse = std::max(force->pair->comm_reverse, halo_size);
+  }
+
+  // A ghost cutoff that shell mode raised in an earlier run is not needed any more.
+  if (ghost_mode != GHOSTS_SHELL && cutghost_raised > 0.0 &&
+      comm->cutghostuser == cutghost_raised) {
+    comm->cutghostuser = cutghost_before;
+    cutghost_raised = 0.0;
+  }
+
+  ghostneigh = ghost_mode == GHOSTS_SHELL ? 1 : 0;    // shell mode needs neighbours of ghosts
+  if (ghost_mode == GHOSTS_MAP) {
     no_virial_fdotr_compute = 1;    // the model returns the virial of the mapped edges
     neighbor->add_request(this, NeighConst::REQ_FULL);
     if (comm->me == 0)
@@ -480,6 +562,20 @@ void PairTransIP::init_style()
     return;
   }
   no_virial_fdotr_compute = 0;
+  if (ghost_mode == GHOSTS_HALO) {
+    neighbor->add_request(this, NeighConst::REQ_FULL);
+    if (comm->me == 0)
+      utils::logmesg(lmp,
+                     "TransIP: halo exchange over {} rank(s): ghosts to {:.4g} Å = cutoff + "
+                     "skin; between the {} layers each rank sends {} features per boundary atom "
+                     "to its neighbours and, in the backward pass, the gradients of its ghost "
+                     "atoms back to their owners{}\n",
+                     comm->nprocs, model_cutoff + neighbor->skin, num_layers, feature_width,
+                     recompute ? "; recompute yes: layers are re-run in the backward pass, one "
+                                 "autograd graph at a time (less memory, more time)"
+                               : "");
+    return;
+  }
   neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
 
   // Ghost atoms must reach every atom that can influence an owned atom's
@@ -488,7 +584,9 @@ void PairTransIP::init_style()
   const double need = receptive_field + neighbor->skin;
   if (comm->cutghostuser < need) {
     const double before = comm->cutghostuser;
+    if (cutghost_raised == 0.0) cutghost_before = before;
     comm->cutghostuser = need;
+    cutghost_raised = need;
     if (comm->me == 0) {
       // ghost shell volume relative to an owned cube of edge a (per rank), uniform density
       const double volume = domain->xprd * domain->yprd * domain->zprd;
@@ -505,6 +603,63 @@ void PairTransIP::init_style()
                      (prune && can_prune()) ? "" : " (pruning off: all of them)");
     }
   }
+}
+
+/* ----------------------------------------------------------------------
+   A periodic box much smaller than the cutoff: every atom meets hundreds of
+   periodic images of itself and LAMMPS would stop with "Neighbor list
+   overflow, boost neigh_modify one". Say what is wrong instead. Boxes a bit
+   thinner than the cutoff are fine (images become more neighbours).
+------------------------------------------------------------------------- */
+
+void PairTransIP::check_box()
+{
+  const int periodic[3] = {domain->xperiodic, domain->yperiodic, domain->zperiodic};
+  if (!periodic[0] && !periodic[1] && !periodic[2]) return;
+  // lattice vectors a = (xprd, 0, 0), b = (xy, yprd, 0), c = (xz, yz, zprd)
+  const double a[3] = {domain->xprd, 0.0, 0.0};
+  const double b[3] = {domain->xy, domain->yprd, 0.0};
+  const double c[3] = {domain->xz, domain->yz, domain->zprd};
+  auto cross_norm = [](const double *u, const double *v) {
+    const double w0 = u[1] * v[2] - u[2] * v[1];
+    const double w1 = u[2] * v[0] - u[0] * v[2];
+    const double w2 = u[0] * v[1] - u[1] * v[0];
+    return std::sqrt(w0 * w0 + w1 * w1 + w2 * w2);
+  };
+  const double volume = domain->xprd * domain->yprd * domain->zprd;
+  if (!(volume > 0.0)) return;    // LAMMPS refuses such boxes itself
+  const double face[3] = {volume / cross_norm(b, c), volume / cross_norm(c, a),
+                          volume / cross_norm(a, b)};
+  const char *axis = "xyz";
+  const std::string box =
+      fmt::format("{:.4g} x {:.4g} x {:.4g} Å{}", domain->xprd, domain->yprd, domain->zprd,
+                  domain->triclinic ? fmt::format(", tilts xy {:.4g} xz {:.4g} yz {:.4g}",
+                                                  domain->xy, domain->xz, domain->yz)
+                                    : std::string());
+  // the Python model refuses cells needing more than 64 image layers per axis (units mistake)
+  for (int k = 0; k < 3; ++k)
+    if (periodic[k] && face[k] * 64.0 < model_cutoff)
+      error->all(FLERR,
+                 "pair_style transip: the periodic box ({}) is too thin along {}: {:.4g} Å "
+                 "between faces for a model cutoff of {:.4g} Å (more than 64 periodic images "
+                 "per axis); check the box size and units",
+                 box, axis[k], face[k], model_cutoff);
+  if (!(periodic[0] && periodic[1] && periodic[2])) return;
+  const double thinnest = std::min(face[0], std::min(face[1], face[2]));
+  if (thinnest >= model_cutoff) return;
+  const double reach = model_cutoff + neighbor->skin;
+  const double per_atom = static_cast<double>(atom->natoms) / volume * 4.0 / 3.0 * M_PI *
+      reach * reach * reach;
+  if (per_atom > neighbor->oneatom)
+    error->all(FLERR,
+               "pair_style transip: the periodic box ({}, {} atom{}) is smaller than the model "
+               "cutoff {:.4g} Å ({:.4g} Å between the closest faces): each atom would have ~{:.0f} "
+               "neighbours within cutoff + skin = {:.4g} Å, most of them periodic images of the "
+               "same few atoms, more than a LAMMPS neighbour list holds (neigh_modify one {}). "
+               "Check the box size and units; if the box is intended, raise neigh_modify one "
+               "and page",
+               box, atom->natoms, atom->natoms == 1 ? "" : "s", model_cutoff, thinnest, per_atom,
+               reach, neighbor->oneatom);
 }
 
 // Pruning by graph distance is exact when the receptive field is layers x
@@ -560,8 +715,12 @@ void PairTransIP::compute(int eflag, int vflag)
                "pair_style transip does not provide per-atom virials (compute stress/atom, "
                "compute centroid/stress/atom); the global virial/pressure is available");
 
-  if (owner_mapped) {
+  if (ghost_mode == GHOSTS_MAP) {
     compute_owner_mapped();
+    return;
+  }
+  if (ghost_mode == GHOSTS_HALO) {
+    compute_halo();
     return;
   }
 
@@ -757,6 +916,358 @@ void PairTransIP::compute(int eflag, int vflag)
 }
 
 /* ----------------------------------------------------------------------
+   Halo mode (any number of ranks; ghosts only to cutoff + skin).
+
+   Rows: the owned atoms of mapped types (LAMMPS order), then the ghosts that
+   are their neighbours within the cutoff. The model's halo_* methods run the
+   network in pieces; between layers the plugin exchanges features:
+
+   forward   pos (leaf) -> halo_edges -> nbr_index, edge, envelope (made leaves)
+             h0 = halo_embed(all rows)
+             layer l: out_l = halo_layer(l, h_l, ...) on owned rows
+                      h_{l+1}: owned rows = out_l, ghost rows = their owners'
+                      out_l, through comm->forward_comm(this)
+             energies = halo_readout(out_{L-1})
+   backward  g = dE/d out_{L-1}; for l = L-1 .. 0:
+               autograd: d/d(h_l, edge, envelope) of out_l with weights g
+               accumulate d/d(edge, envelope); the ghost rows of d/dh_l go to
+               their owners (comm->reverse_comm(this)) and are added to the
+               owned rows: that is g for out_{l-1}
+             forces = -d/dpos of (edge, envelope) weighted by the accumulated
+             gradients, on owned and ghost rows; LAMMPS' reverse communication
+             of forces (newton on) sums ghost forces into their owners, and
+             virial_fdotr_compute() gives the virial.
+   Every rank takes part in every exchange (L-1 forward, L-1 reverse), also
+   ranks that own no atom of a mapped type. Features travel as doubles.
+
+   recompute yes: the forward pass (edges, layers) runs without autograd
+   graphs, keeping only each layer's input features; the backward pass
+   re-runs layer l with autograd just before differentiating it, and the
+   edge features at the end, so that one graph at a time is alive. Same
+   numbers, about one more forward pass of time, a fraction of the memory.
+------------------------------------------------------------------------- */
+
+void PairTransIP::compute_halo()
+{
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  double **x = atom->x;
+  double **f = atom->f;
+  const int *type = atom->type;
+  const double cutsq_model = model_cutoff * model_cutoff;
+  const int64_t W = feature_width;
+  const int nlayers = static_cast<int>(num_layers);
+
+  // ---- rows: owned atoms, then ghosts that are neighbours of owned atoms
+  atom_to_row.assign(nall, -1);
+  row_to_atom.clear();
+  pos_buf.clear();
+  z_buf.clear();
+  auto add_row = [&](int i, int64_t z) {
+    atom_to_row[i] = static_cast<int>(row_to_atom.size());
+    row_to_atom.push_back(i);
+    pos_buf.push_back(x[i][0]);
+    pos_buf.push_back(x[i][1]);
+    pos_buf.push_back(x[i][2]);
+    z_buf.push_back(z);
+  };
+  for (int i = 0; i < nlocal; ++i) {
+    const int64_t z = type_to_z[type[i]];
+    if (z > 0) add_row(i, z);
+  }
+  const int64_t nlocal_rows = static_cast<int64_t>(row_to_atom.size());
+  edge_i_buf.clear();
+  edge_j_buf.clear();
+  for (int ii = 0; ii < list->inum; ++ii) {
+    const int i = list->ilist[ii];
+    const int ri = atom_to_row[i];
+    if (ri < 0) continue;
+    const int *jlist = list->firstneigh[i];
+    for (int jj = 0; jj < list->numneigh[i]; ++jj) {
+      const int j = jlist[jj] & NEIGHMASK;
+      const int64_t zj = type_to_z[type[j]];
+      if (zj <= 0) continue;
+      const double dx = x[j][0] - x[i][0];
+      const double dy = x[j][1] - x[i][1];
+      const double dz = x[j][2] - x[i][2];
+      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
+      if (atom_to_row[j] < 0) add_row(j, zj);
+      edge_i_buf.push_back(ri);
+      edge_j_buf.push_back(atom_to_row[j]);
+    }
+  }
+  const int64_t nrows = static_cast<int64_t>(row_to_atom.size());
+  const int64_t nedges = static_cast<int64_t>(edge_i_buf.size());
+
+  if (report_load) {
+    report_load = false;
+    const double mine[4] = {double(nlocal_rows), double(nrows - nlocal_rows), double(nedges),
+                            double(atom->nghost)};
+    double sum[4], most[4], least[4];
+    MPI_Reduce(mine, sum, 4, MPI_DOUBLE, MPI_SUM, 0, world);
+    MPI_Reduce(mine, most, 4, MPI_DOUBLE, MPI_MAX, 0, world);
+    MPI_Reduce(mine, least, 4, MPI_DOUBLE, MPI_MIN, 0, world);
+    if (comm->me == 0)
+      utils::logmesg(lmp,
+                     "TransIP: model input over {} rank(s): {:.0f} owned + {:.0f} ghost atoms "
+                     "({:.2f} per owned atom; LAMMPS holds {:.0f} ghosts; halo exchange: layers "
+                     "run on owned atoms only), {:.0f} edges\n"
+                     "TransIP: per rank: owned atoms {:.0f}..{:.0f}, model ghosts {:.0f}..{:.0f}\n",
+                     comm->nprocs, sum[0], sum[1], sum[0] > 0 ? sum[1] / sum[0] : 0.0, sum[3],
+                     sum[2], least[0], most[0], least[1], most[1]);
+  }
+
+  // A rank without owned atoms of mapped types runs no model but still takes part in every
+  // exchange (its ghosts' features pass through it on multi-hop routes).
+  const bool active = nlocal_rows > 0;
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  const bool optimize = jit_optimize == 1;    // default off: faster on CPU and on the H100
+  torch::jit::GraphOptimizerEnabledGuard jit_guard(optimize);
+
+  feat_buf.assign(static_cast<size_t>(nall) * W, 0.0);
+  torch::Tensor pos, numbers, q, s, nbr_index, edge, envelope, edge_leaf, env_leaf, h;
+  std::vector<torch::Tensor> h_in(nlayers), out(nlayers);
+  std::vector<c10::IValue> edge_args;
+  auto run_layer = [&](int l, const torch::Tensor &features) {
+    return model->get_method("halo_layer")(
+                    {static_cast<int64_t>(l), features, nbr_index, edge_leaf, env_leaf})
+        .toTensor();
+  };
+
+  // turn exceptions from the model into a LAMMPS error on this rank (MPI_Abort)
+  auto guarded = [&](auto &&fn) {
+    try {
+      fn();
+    } catch (const c10::Error &e) {
+      model_failed(e.what_without_backtrace());
+    } catch (const std::exception &e) {
+      model_failed(e.what());
+    }
+  };
+
+  if (active) {
+    guarded([&] {
+      pos = torch::from_blob(pos_buf.data(), {nrows, 3}, f64);
+      numbers = torch::from_blob(z_buf.data(), {nrows}, i64);
+      torch::Tensor ei = torch::from_blob(edge_i_buf.data(), {nedges}, i64);
+      torch::Tensor ej = torch::from_blob(edge_j_buf.data(), {nedges}, i64);
+      q = torch::scalar_tensor(total_charge, i64);
+      s = torch::scalar_tensor(multiplicity, i64);
+      if (device.is_cuda()) {
+        pos = pos.to(device, model_dtype);
+        numbers = numbers.to(device);
+        ei = ei.to(device);
+        ej = ej.to(device);
+        q = q.to(device);
+        s = s.to(device);
+      }
+      pos = pos.detach().requires_grad_(!recompute);
+      edge_args = {pos, numbers, ei, ej, nlocal_rows, q, s};
+      c10::intrusive_ptr<c10::ivalue::Tuple> res;
+      {
+        c10::AutoGradMode grad_mode(!recompute);
+        res = model->get_method("halo_edges")(edge_args).toTuple();
+      }
+      nbr_index = res->elements().at(0).toTensor();
+      edge = res->elements().at(1).toTensor();
+      envelope = res->elements().at(2).toTensor();
+      if (nbr_index.dim() != 2 || nbr_index.size(0) != nlocal_rows)
+        throw std::runtime_error("halo_edges() returned a neighbour index of unexpected shape");
+      edge_leaf = edge.detach().requires_grad_(true);
+      env_leaf = envelope.detach().requires_grad_(true);
+      h = model->get_method("halo_embed")({numbers, q, s}).toTensor();
+      if (h.dim() != 2 || h.size(0) != nrows || h.size(1) != W)
+        throw std::runtime_error("halo_embed() returned features of unexpected shape");
+    });
+  }
+
+  // ---- forward, layer by layer
+  for (int l = 0; l < nlayers; ++l) {
+    if (active) {
+      guarded([&] {
+        c10::AutoGradMode grad_mode(!recompute);
+        h_in[l] = h.detach().requires_grad_(l > 0 && !recompute);
+        out[l] = run_layer(l, h_in[l]);
+        if (out[l].dim() != 2 || out[l].size(0) != nlocal_rows || out[l].size(1) != W)
+          throw std::runtime_error("halo_layer() returned features of unexpected shape");
+      });
+    }
+    if (l + 1 == nlayers) break;
+    if (active) {
+      const torch::Tensor o = out[l].detach().to(torch::kCPU, torch::kFloat64).contiguous();
+      const double *op = o.data_ptr<double>();
+      for (int64_t r = 0; r < nlocal_rows; ++r)
+        std::copy(op + r * W, op + (r + 1) * W, &feat_buf[size_t(row_to_atom[r]) * W]);
+    }
+    comm->forward_comm(this);
+    if (active) {
+      torch::Tensor hc = torch::empty({nrows, W}, f64);
+      double *hp = hc.data_ptr<double>();
+      for (int64_t r = 0; r < nrows; ++r) {
+        const double *src = &feat_buf[size_t(row_to_atom[r]) * W];
+        std::copy(src, src + W, hp + r * W);
+      }
+      h = hc.to(device, model_dtype);
+      if (recompute) out[l] = torch::Tensor();    // re-run in the backward pass
+    }
+  }
+
+  torch::Tensor energies;
+  auto readout = [&] {
+    energies = model->get_method("halo_readout")({out[nlayers - 1], numbers.narrow(0, 0,
+                                                                             nlocal_rows)})
+                   .toTensor();
+    if (energies.dim() != 1 || energies.size(0) != nlocal_rows)
+      throw std::runtime_error("halo_readout() returned energies of unexpected shape");
+  };
+  if (active && !recompute) guarded(readout);
+
+  // ---- backward, layer by layer
+  torch::Tensor g_out, g_edge, g_env;
+  for (int l = nlayers - 1; l >= 0; --l) {
+    torch::Tensor g_h;
+    if (active) {
+      guarded([&] {
+        if (recompute) {    // this layer's graph, now
+          h_in[l] = h_in[l].detach().requires_grad_(l > 0);
+          out[l] = run_layer(l, h_in[l]);
+          if (l == nlayers - 1) readout();
+        }
+        std::vector<torch::Tensor> inputs = {edge_leaf, env_leaf};
+        if (l > 0) inputs.push_back(h_in[l]);
+        std::vector<torch::Tensor> outputs, weights;
+        if (l == nlayers - 1) {
+          outputs.push_back(energies.sum());
+        } else {
+          outputs.push_back(out[l]);
+          weights.push_back(g_out);
+        }
+        auto grads = torch::autograd::grad(outputs, inputs, weights, false, false, true);
+        for (int k = 0; k < 2; ++k) {
+          if (!grads[k].defined()) continue;
+          torch::Tensor &acc = k == 0 ? g_edge : g_env;
+          acc = acc.defined() ? acc + grads[k] : grads[k];
+        }
+        if (l > 0) g_h = grads[2].defined() ? grads[2] : torch::zeros_like(h_in[l]);
+        h_in[l] = torch::Tensor();
+        out[l] = torch::Tensor();
+      });
+    }
+    if (l == 0) break;
+    // gradients that ghost rows received go to the owners of those atoms
+    grad_buf.assign(static_cast<size_t>(nall) * W, 0.0);
+    torch::Tensor gh;
+    if (active) {
+      gh = g_h.detach().to(torch::kCPU, torch::kFloat64).contiguous();
+      const double *gp = gh.data_ptr<double>();
+      for (int64_t r = nlocal_rows; r < nrows; ++r)
+        std::copy(gp + r * W, gp + (r + 1) * W, &grad_buf[size_t(row_to_atom[r]) * W]);
+    }
+    comm->reverse_comm(this);
+    if (active) {
+      torch::Tensor gl = gh.narrow(0, 0, nlocal_rows).clone();
+      double *gp = gl.data_ptr<double>();
+      for (int64_t r = 0; r < nlocal_rows; ++r) {
+        const double *add = &grad_buf[size_t(row_to_atom[r]) * W];
+        for (int64_t k = 0; k < W; ++k) gp[r * W + k] += add[k];
+      }
+      g_out = gl.to(device, model_dtype);
+    }
+  }
+
+  if (active) {
+    torch::Tensor forces, e_cpu;
+    guarded([&] {
+      if (recompute) {    // the edge features' graph, now
+        pos.requires_grad_(true);
+        edge_args[0] = pos;
+        auto res = model->get_method("halo_edges")(edge_args).toTuple();
+        edge = res->elements().at(1).toTensor();
+        envelope = res->elements().at(2).toTensor();
+      }
+      std::vector<torch::Tensor> outputs, weights;
+      if (g_edge.defined() && edge.requires_grad()) {
+        outputs.push_back(edge);
+        weights.push_back(g_edge);
+      }
+      if (g_env.defined() && envelope.requires_grad()) {
+        outputs.push_back(envelope);
+        weights.push_back(g_env);
+      }
+      torch::Tensor g_pos;
+      if (!outputs.empty())
+        g_pos = torch::autograd::grad(outputs, {pos}, weights, false, false, true)[0];
+      forces = g_pos.defined() ? (-g_pos).to(torch::kCPU, torch::kFloat64).contiguous()
+                               : torch::zeros({nrows, 3}, f64);
+      e_cpu = energies.detach().to(torch::kCPU, torch::kFloat64).contiguous();
+    });
+    const double *fr = forces.data_ptr<double>();
+    for (int64_t r = 0; r < nrows; ++r) {
+      const int i = row_to_atom[r];
+      f[i][0] += fr[3 * r + 0];
+      f[i][1] += fr[3 * r + 1];
+      f[i][2] += fr[3 * r + 2];
+    }
+    const double *er = e_cpu.data_ptr<double>();
+    double esum = 0.0;
+    for (int64_t r = 0; r < nlocal_rows; ++r) {
+      esum += er[r];
+      if (eflag_atom) eatom[row_to_atom[r]] += er[r];
+    }
+    if (eflag_global) eng_vdwl += esum;
+    if (vflag_global && !vflag_fdotr) {
+      for (int64_t r = 0; r < nrows; ++r) {
+        const double *xi = x[row_to_atom[r]];
+        const double *fi = fr + 3 * r;
+        virial[0] += xi[0] * fi[0];
+        virial[1] += xi[1] * fi[1];
+        virial[2] += xi[2] * fi[2];
+        virial[3] += xi[0] * fi[1];
+        virial[4] += xi[0] * fi[2];
+        virial[5] += xi[1] * fi[2];
+      }
+    }
+  }
+  if (vflag_fdotr) virial_fdotr_compute();
+}
+
+int PairTransIP::pack_forward_comm(int n, int *list, double *buf, int /*pbc_flag*/,
+                                   int * /*pbc*/)
+{
+  const size_t W = static_cast<size_t>(feature_width);
+  for (int k = 0; k < n; ++k) {
+    const double *src = &feat_buf[size_t(list[k]) * W];
+    std::copy(src, src + W, buf + size_t(k) * W);
+  }
+  return static_cast<int>(n * W);
+}
+
+void PairTransIP::unpack_forward_comm(int n, int first, double *buf)
+{
+  const size_t W = static_cast<size_t>(feature_width);
+  std::copy(buf, buf + size_t(n) * W, &feat_buf[size_t(first) * W]);
+}
+
+int PairTransIP::pack_reverse_comm(int n, int first, double *buf)
+{
+  const size_t W = static_cast<size_t>(feature_width);
+  const double *src = &grad_buf[size_t(first) * W];
+  std::copy(src, src + size_t(n) * W, buf);
+  return static_cast<int>(n * W);
+}
+
+void PairTransIP::unpack_reverse_comm(int n, int *list, double *buf)
+{
+  const size_t W = static_cast<size_t>(feature_width);
+  for (int k = 0; k < n; ++k) {
+    double *dst = &grad_buf[size_t(list[k]) * W];
+    const double *src = buf + size_t(k) * W;
+    for (size_t c = 0; c < W; ++c) dst[c] += src[c];
+  }
+}
+
+/* ----------------------------------------------------------------------
    One rank: rows are the owned atoms; each neighbour j (owned or a periodic
    ghost image) becomes an edge to the owned atom with the same ID, with the
    image offset x[j] - x[owner] as its shift. Exact, and the model sees N atoms.
@@ -887,5 +1398,6 @@ double PairTransIP::memory_usage()
   bytes += atom_to_row.capacity() * sizeof(int) + row_to_atom.capacity() * sizeof(int);
   bytes += pos_buf.capacity() * sizeof(double) + z_buf.capacity() * sizeof(int64_t);
   bytes += (edge_i_buf.capacity() + edge_j_buf.capacity()) * sizeof(int64_t);
+  bytes += (feat_buf.capacity() + grad_buf.capacity()) * sizeof(double);
   return bytes;
 }

@@ -9,7 +9,8 @@
      units      metal
      newton     on                                  (the default)
      pair_style transip [device cpu|cuda] [charge Q] [multiplicity M]
-                        [prune yes|no] [jit_optimize yes|no]
+                        [ghosts auto|map|halo|shell] [prune yes|no]
+                        [recompute yes|no] [jit_optimize yes|no]
      pair_coeff * * model.pt O H                    (one element symbol per
                                                      atom type, NULL = skip)
 ------------------------------------------------------------------------- */
@@ -39,8 +40,17 @@ class PairTransIP : public Pair {
   double init_one(int, int) override;
   double memory_usage() override;
 
+  // halo mode: features (forward) and their gradients (reverse) of W doubles per atom
+  int pack_forward_comm(int, int *, double *, int, int *) override;
+  void unpack_forward_comm(int, int, double *) override;
+  int pack_reverse_comm(int, int, double *) override;
+  void unpack_reverse_comm(int, int *, double *) override;
+
   // Highest file format version (the model's `format_version`) this build reads.
-  static constexpr int SUPPORTED_FORMAT_VERSION = 1;
+  // 2 added the halo entry points; format-1 files still load (multi-rank: ghost shell).
+  static constexpr int SUPPORTED_FORMAT_VERSION = 2;
+
+  enum GhostMode { GHOSTS_SHELL, GHOSTS_MAP, GHOSTS_HALO };
 
  protected:
   // ---- pair_style settings
@@ -49,9 +59,14 @@ class PairTransIP : public Pair {
   int64_t multiplicity;          // system's spin multiplicity 2S+1
   bool prune;                    // hand the model only atoms/edges that reach owned atoms
   int jit_optimize;              // TorchScript graph optimisation: 1 on, 0 off, -1 auto
-  std::string ghost_request;     // "auto", "map" or "shell"
-  bool owner_mapped;             // this run: ghosts mapped to owned atoms (one rank)
+  bool recompute;                // halo: keep one layer's autograd graph at a time
+  std::string ghost_request;     // "auto", "map", "halo" or "shell"
+  GhostMode ghost_mode;          // this run's mode (decided in init_style)
   bool has_periodic_entry;       // the model file provides lammps_periodic()
+  bool has_halo_entry;           // the model file provides the halo_* methods
+  int64_t feature_width;         // W, features per atom exchanged between layers
+  double cutghost_before;        // comm->cutghostuser before shell mode raised it
+  double cutghost_raised;        // the value shell mode set (0: none)
 
   // ---- model (valid after pair_coeff)
   std::unique_ptr<torch::jit::Module> model;
@@ -79,10 +94,14 @@ class PairTransIP : public Pair {
   std::vector<int> hops;               // graph distance (in edges) from owned atoms
   std::vector<int> frontier, next_frontier;
   std::vector<char> centre_in_list;    // atom has a neighbour row in the list
+  std::vector<double> feat_buf;        // halo: [nall, W] features by LAMMPS index
+  std::vector<double> grad_buf;        // halo: [nall, W] feature gradients by LAMMPS index
   bool report_load;                    // log ghost/local counts at the next compute
 
   bool can_prune() const;
   void compute_owner_mapped();
+  void compute_halo();
+  void check_box();
   void allocate();
   void load_model(const std::string &path);
   void select_device();

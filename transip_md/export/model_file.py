@@ -23,7 +23,8 @@ from ..model.potential import TransIPPotential
 
 MODEL_KIND = "transip-md-model"
 #: Bump when an engine-visible entry point or attribute changes meaning.
-FORMAT_VERSION = 1
+#: 2: halo_* entry points for the LAMMPS per-layer halo exchange (export/CONTRACT.md 3.6).
+FORMAT_VERSION = 2
 METADATA_NAME = "metadata.json"
 
 PathLike = Union[str, os.PathLike]
@@ -57,8 +58,9 @@ def build_metadata(potential: TransIPPotential, dtype: torch.dtype,
         "num_layers": potential.num_layers,
         "receptive_field": potential.receptive_field,
         "units": units_table(),
-        "entry_points": ["compute", "energy", "lammps", "lammps_periodic", "forward", "element_list",
-                         "validate"],
+        "entry_points": ["compute", "energy", "lammps", "lammps_periodic", "halo_feature_width",
+                         "halo_edges", "halo_embed", "halo_layer", "halo_readout", "forward",
+                         "element_list", "validate"],
     }
     if extra:
         meta.update(extra)

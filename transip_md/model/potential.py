@@ -116,6 +116,18 @@ class TransIPPotential(nn.Module):
         )
 
     # ------------------------------------------------------------------ core
+    def _check_pair_distances(self, vec: Tensor, i: Tensor, j: Tensor) -> None:
+        """Raise a ValueError naming two atoms closer than ``min_pair_distance``."""
+        if vec.shape[0] == 0:
+            return
+        d2 = (vec.detach() * vec.detach()).sum(1)
+        k = int(torch.argmin(d2))
+        if float(d2[k]) < self.min_pair_distance * self.min_pair_distance:
+            raise ValueError(
+                "atoms " + str(int(i[k])) + " and " + str(int(j[k]))
+                + " are at the same position (distance " + str(float(torch.sqrt(d2[k]))) + " Å)"
+            )
+
     def atom_energies_from_pairs(
         self,
         positions: Tensor,
@@ -133,15 +145,8 @@ class TransIPPotential(nn.Module):
         """
         n_atoms = positions.shape[0]
         vec = positions.index_select(0, j) - positions.index_select(0, i) + shift
-        if self.check_inputs and vec.shape[0] > 0:
-            d2 = (vec.detach() * vec.detach()).sum(1)
-            k = int(torch.argmin(d2))
-            if float(d2[k]) < self.min_pair_distance * self.min_pair_distance:
-                raise ValueError(
-                    "atoms " + str(int(i[k])) + " and " + str(int(j[k]))
-                    + " are at the same position (distance "
-                    + str(float(torch.sqrt(d2[k]))) + " Å)"
-                )
+        if self.check_inputs:
+            self._check_pair_distances(vec, i, j)
         row, slot, k_max = pairs_to_dense(i, n_atoms)
         far = torch.zeros(3, dtype=positions.dtype, device=positions.device)
         far[0] = 2.0 * self.cutoff
@@ -401,6 +406,105 @@ class TransIPPotential(nn.Module):
                 w = -(vec.unsqueeze(2) * g_shift.unsqueeze(1)).sum(0)
                 virial = torch.stack([w[0, 0], w[1, 1], w[2, 2], w[0, 1], w[0, 2], w[1, 2]])
         return energies.detach(), forces, virial
+
+    # ------------------------------------------------------------------ LAMMPS halo exchange
+    # Format version 2: the network in pieces, so that an engine with domain decomposition can
+    # exchange per-atom features of boundary atoms between layers (forward communication) and
+    # send the gradients its ghost atoms received back to their owners (reverse communication).
+    # The algorithm is in export/CONTRACT.md, section 3.6.
+    @torch.jit.export
+    def halo_feature_width(self) -> int:
+        """W: the number of features per atom exchanged between layers."""
+        return int(self.network.element_embedding.weight.shape[1])
+
+    @torch.jit.export
+    def halo_edges(
+        self,
+        positions: Tensor,
+        numbers: Tensor,
+        edge_i: Tensor,
+        edge_j: Tensor,
+        nlocal: int,
+        charge: Tensor,
+        spin: Tensor,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Dense neighbour layout and edge features of the ``nlocal`` local atoms.
+
+        ``positions`` [Ntot, 3] Å (local atoms first, then ghosts, at their image positions;
+        differentiable: the engine passes a leaf and later back-propagates through ``edge`` and
+        ``envelope`` to it); ``numbers`` [Ntot]; ``edge_i``, ``edge_j`` the engine's neighbour
+        pairs. Pairs beyond the cutoff and pairs whose centre is not local are dropped.
+        Returns ``nbr_index`` [nlocal, K] (rows of the feature matrix, padding = Ntot),
+        ``edge`` [nlocal, K, E] and ``envelope`` [nlocal, K]. Validates the inputs like the
+        other entry points (element, charge, spin, atoms at the same position).
+        """
+        dtype = self.network.energy_scale.dtype
+        device = self.network.energy_scale.device
+        positions = positions.to(device=device, dtype=dtype)  # keeps the autograd graph
+        numbers = numbers.to(device=device, dtype=torch.long)
+        charge = charge.to(device)
+        spin = spin.to(device)
+        n_total = positions.shape[0]
+        if nlocal < 0 or nlocal > n_total:
+            raise ValueError(
+                "nlocal = " + str(nlocal) + " is outside 0.." + str(n_total) + " (atoms given)"
+            )
+        if self.check_inputs:
+            self.validate(positions, numbers, charge, spin)
+        edge_i = edge_i.to(device)
+        edge_j = edge_j.to(device)
+        local = edge_i < nlocal
+        edge_i = edge_i[local]
+        edge_j = edge_j[local]
+        zero_shift = torch.zeros((edge_i.shape[0], 3), dtype=dtype, device=device)
+        i, j, _ = self._engine_pairs(positions, edge_i, edge_j, zero_shift)
+        vec = positions.index_select(0, j) - positions.index_select(0, i)
+        if self.check_inputs:
+            self._check_pair_distances(vec, i, j)
+        row, slot, k_max = pairs_to_dense(i, nlocal)
+        far = torch.zeros(3, dtype=dtype, device=device)
+        far[0] = 2.0 * self.cutoff
+        nbr_vec = far.expand(nlocal, k_max, 3).clone().index_put((row, slot), vec)
+        nbr_index = torch.full((nlocal, k_max), n_total, dtype=torch.long, device=device)
+        nbr_index = nbr_index.index_put((row, slot), j)
+        edge, envelope = self.network.edge_features(nbr_vec)
+        return nbr_index, edge, envelope
+
+    @torch.jit.export
+    def halo_embed(self, numbers: Tensor, charge: Tensor, spin: Tensor) -> Tensor:
+        """Input features h0 [Ntot, W] of local and ghost atoms (no geometry: no exchange)."""
+        device = self.network.energy_scale.device
+        numbers = numbers.to(device=device, dtype=torch.long)
+        n_total = numbers.shape[0]
+        q = charge.to(device).reshape(1).to(torch.long).expand(n_total)
+        m = spin.to(device).reshape(1).to(torch.long).expand(n_total)
+        return self.network.embed(numbers, q, m)
+
+    @torch.jit.export
+    def halo_layer(
+        self, layer: int, h: Tensor, nbr_index: Tensor, edge: Tensor, envelope: Tensor
+    ) -> Tensor:
+        """Attention layer ``layer`` (0-based) on the local atoms: new features [nlocal, W] from
+        ``h`` [Ntot, W] of local and ghost atoms (ghost rows as their owners computed them)."""
+        if layer < 0 or layer >= self.num_layers:
+            raise ValueError(
+                "layer " + str(layer) + " does not exist (the model has " + str(self.num_layers)
+                + " layers)"
+            )
+        dtype = self.network.energy_scale.dtype
+        device = self.network.energy_scale.device
+        h = h.to(device=device, dtype=dtype)
+        nbr_index = nbr_index.to(device)
+        return self.network.run_layer(layer, h, nbr_index, edge, envelope)
+
+    @torch.jit.export
+    def halo_readout(self, h: Tensor, numbers: Tensor) -> Tensor:
+        """Per-atom energies [nlocal] (eV) from the last layer's features of the local atoms."""
+        dtype = self.network.energy_scale.dtype
+        device = self.network.energy_scale.device
+        h = h.to(device=device, dtype=dtype)
+        numbers = numbers.to(device=device, dtype=torch.long)
+        return self.network.atom_energies(h, numbers)
 
     def forward(
         self,
