@@ -686,7 +686,6 @@ def test_error_messages(plugin, workdir, water_data, model64, case):
 
 
 # ----------------------------------------------------------------------------- example decks
-@pytest.mark.slow
 @pytest.mark.parametrize("deck", ["in.water", "in.triclinic", "in.molecule", "in.npt_water"])
 def test_example_decks_run(plugin, workdir, model64, deck):
     for args in (["-n", "64", "-o", str(workdir / "water.data")],
