@@ -727,7 +727,6 @@ void PairTransIP::compute(int eflag, int vflag)
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
   double **x = atom->x;
-  double **f = atom->f;
   const int *type = atom->type;
 
   const double cutsq_model = model_cutoff * model_cutoff;
@@ -881,35 +880,7 @@ void PairTransIP::compute(int eflag, int vflag)
       model_failed(got.str());
     }
 
-    const double *fr = forces.data_ptr<double>();
-    for (int64_t r = 0; r < nrows; ++r) {
-      const int i = row_to_atom[r];
-      f[i][0] += fr[3 * r + 0];
-      f[i][1] += fr[3 * r + 1];
-      f[i][2] += fr[3 * r + 2];
-    }
-    const double *er = energies.data_ptr<double>();
-    double esum = 0.0;
-    for (int r = 0; r < nlocal_rows; ++r) {
-      esum += er[r];
-      if (eflag_atom) eatom[row_to_atom[r]] += er[r];
-    }
-    if (eflag_global) eng_vdwl += esum;
-
-    // Called with an explicit pair virial request (no fdotr, e.g. inside some
-    // hybrid setups): the virial of our own forces, sum over rows of x (x) f.
-    if (vflag_global && !vflag_fdotr) {
-      for (int64_t r = 0; r < nrows; ++r) {
-        const double *xi = x[row_to_atom[r]];
-        const double *fi = fr + 3 * r;
-        virial[0] += xi[0] * fi[0];
-        virial[1] += xi[1] * fi[1];
-        virial[2] += xi[2] * fi[2];
-        virial[3] += xi[0] * fi[1];    // same index order as virial_fdotr_compute()
-        virial[4] += xi[0] * fi[2];
-        virial[5] += xi[1] * fi[2];
-      }
-    }
+    add_model_results(forces.data_ptr<double>(), nrows, energies.data_ptr<double>(), nlocal_rows);
   }
 
   if (vflag_fdotr) virial_fdotr_compute();
@@ -952,7 +923,6 @@ void PairTransIP::compute_halo()
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
   double **x = atom->x;
-  double **f = atom->f;
   const int *type = atom->type;
   const double cutsq_model = model_cutoff * model_cutoff;
   const int64_t W = feature_width;
@@ -1202,32 +1172,7 @@ void PairTransIP::compute_halo()
                                : torch::zeros({nrows, 3}, f64);
       e_cpu = energies.detach().to(torch::kCPU, torch::kFloat64).contiguous();
     });
-    const double *fr = forces.data_ptr<double>();
-    for (int64_t r = 0; r < nrows; ++r) {
-      const int i = row_to_atom[r];
-      f[i][0] += fr[3 * r + 0];
-      f[i][1] += fr[3 * r + 1];
-      f[i][2] += fr[3 * r + 2];
-    }
-    const double *er = e_cpu.data_ptr<double>();
-    double esum = 0.0;
-    for (int64_t r = 0; r < nlocal_rows; ++r) {
-      esum += er[r];
-      if (eflag_atom) eatom[row_to_atom[r]] += er[r];
-    }
-    if (eflag_global) eng_vdwl += esum;
-    if (vflag_global && !vflag_fdotr) {
-      for (int64_t r = 0; r < nrows; ++r) {
-        const double *xi = x[row_to_atom[r]];
-        const double *fi = fr + 3 * r;
-        virial[0] += xi[0] * fi[0];
-        virial[1] += xi[1] * fi[1];
-        virial[2] += xi[2] * fi[2];
-        virial[3] += xi[0] * fi[1];
-        virial[4] += xi[0] * fi[2];
-        virial[5] += xi[1] * fi[2];
-      }
-    }
+    add_model_results(forces.data_ptr<double>(), nrows, e_cpu.data_ptr<double>(), nlocal_rows);
   }
   if (vflag_fdotr) virial_fdotr_compute();
 }
@@ -1389,6 +1334,41 @@ void PairTransIP::compute_owner_mapped()
   if (vflag_global) {
     const double *w = wvir.data_ptr<double>();
     for (int k = 0; k < 6; ++k) virial[k] += w[k];
+  }
+}
+
+// Forces of the model's rows onto their LAMMPS atoms (ghost rows included: reverse
+// communication sums them into the owners), per-atom and total energies of the first
+// nlocal_rows rows, and - when LAMMPS asks for the pair virial without fdotr (some hybrid
+// setups) - the virial of these forces, sum over rows of x (x) f.
+void PairTransIP::add_model_results(const double *fr, int64_t nrows, const double *er,
+                                    int64_t nlocal_rows)
+{
+  double **x = atom->x;
+  double **f = atom->f;
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int i = row_to_atom[r];
+    f[i][0] += fr[3 * r + 0];
+    f[i][1] += fr[3 * r + 1];
+    f[i][2] += fr[3 * r + 2];
+  }
+  double esum = 0.0;
+  for (int64_t r = 0; r < nlocal_rows; ++r) {
+    esum += er[r];
+    if (eflag_atom) eatom[row_to_atom[r]] += er[r];
+  }
+  if (eflag_global) eng_vdwl += esum;
+  if (vflag_global && !vflag_fdotr) {
+    for (int64_t r = 0; r < nrows; ++r) {
+      const double *xi = x[row_to_atom[r]];
+      const double *fi = fr + 3 * r;
+      virial[0] += xi[0] * fi[0];
+      virial[1] += xi[1] * fi[1];
+      virial[2] += xi[2] * fi[2];
+      virial[3] += xi[0] * fi[1];    // same index order as virial_fdotr_compute()
+      virial[4] += xi[0] * fi[2];
+      virial[5] += xi[1] * fi[2];
+    }
   }
 }
 

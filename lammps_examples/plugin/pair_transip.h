@@ -100,6 +100,7 @@ class PairTransIP : public Pair {
 
   bool can_prune() const;
   void compute_owner_mapped();
+  void add_model_results(const double *fr, int64_t nrows, const double *er, int64_t nlocal_rows);
   void compute_halo();
   void check_box();
   void allocate();
