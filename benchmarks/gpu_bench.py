@@ -9,8 +9,9 @@ Parts (``--parts``, comma list; a part whose packages are missing is reported an
   initialised TransIP-S, ``--model`` for a real file) on periodic water boxes, neighbour list
   included (it is inside the file), plus the largest box that fits (``--largest``). Columns: ms
   (median of CUDA-event-timed calls), peak memory above the inputs, and the time of the
-  embedded neighbour list alone. Variants: ``fp32`` (full precision matrix products) and
-  ``tf32`` (TensorFloat-32 matrix units), with the force error of each against a float64 export.
+  embedded neighbour list alone. Variants: ``fp32`` (full precision matrix products),
+  ``tf32`` (TensorFloat-32 matrix units) and ``lowmem`` (fp32 with the file's ``low_memory``
+  activation checkpointing), with the force error of each against a float64 export.
 * ``profile``: one energy+forces call at the largest ``--sizes`` entry under torch.profiler:
   kernel count, GPU busy time, and time by kernel class (matrix products, gathers/scatters,
   the rest).
@@ -130,8 +131,9 @@ def bench_transip(args, files: Dict[str, Path], device: torch.device) -> Dict:
         if len(atoms) <= args.accuracy_max_atoms:
             _, in64 = box_tensors(n_atoms, device, torch.float64)
             reference = model64.compute(*in64, True, False)["forces"]
-        for variant in ("fp32", "tf32"):
+        for variant in ("fp32", "tf32", "lowmem"):
             set_tf32(variant == "tf32")
+            model32.low_memory = variant == "lowmem"  # activation checkpointing, fp32
             call = lambda: model32.compute(*inputs, True, False)  # noqa: E731
             row[f"{variant}_ms"] = cuda_time_ms(call)
             row[f"{variant}_peak_gib"] = peak_bytes(call) / GiB
@@ -139,17 +141,21 @@ def bench_transip(args, files: Dict[str, Path], device: torch.device) -> Dict:
                 f = call()["forces"].double()
                 row[f"{variant}_force_rel_err"] = float((f - reference).norm() / reference.norm())
         set_tf32(False)
+        model32.low_memory = False
+        row["lowmem_gib_per_10k_atoms"] = row["lowmem_peak_gib"] * 1e4 / len(atoms)
         row["fp32_gib_per_10k_atoms"] = row["fp32_peak_gib"] * 1e4 / len(atoms)
         rows.append(row)
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
     print(f"\nTransIP-{args.size} float32, energy+forces, H2O periodic boxes ({torch.cuda.get_device_name()})")
-    print(f"{'atoms':>7} {'fp32 ms':>8} {'tf32 ms':>8} {'nbr ms':>7} {'peak GiB':>9} {'GiB/10k':>8} "
-          f"{'fp32 err':>9} {'tf32 err':>9}")
+    print(f"{'atoms':>7} {'fp32 ms':>8} {'tf32 ms':>8} {'lowmem ms':>9} {'nbr ms':>7} {'peak GiB':>9} "
+          f"{'GiB/10k':>8} {'lowmem GiB/10k':>15} {'fp32 err':>9} {'tf32 err':>9} {'lowmem err':>10}")
     for r in rows:
-        print(f"{r['atoms']:>7} {r['fp32_ms']:>8.2f} {r['tf32_ms']:>8.2f} {r['neighbor_list_ms']:>7.2f} "
-              f"{r['fp32_peak_gib']:>9.2f} {r['fp32_gib_per_10k_atoms']:>8.2f} "
-              f"{r.get('fp32_force_rel_err', float('nan')):>9.1e} {r.get('tf32_force_rel_err', float('nan')):>9.1e}")
+        print(f"{r['atoms']:>7} {r['fp32_ms']:>8.2f} {r['tf32_ms']:>8.2f} {r['lowmem_ms']:>9.2f} "
+              f"{r['neighbor_list_ms']:>7.2f} {r['fp32_peak_gib']:>9.2f} {r['fp32_gib_per_10k_atoms']:>8.2f} "
+              f"{r['lowmem_gib_per_10k_atoms']:>15.2f} "
+              f"{r.get('fp32_force_rel_err', float('nan')):>9.1e} {r.get('tf32_force_rel_err', float('nan')):>9.1e} "
+              f"{r.get('lowmem_force_rel_err', float('nan')):>10.1e}")
     return {"rows": rows}
 
 

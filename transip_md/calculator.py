@@ -31,12 +31,18 @@ class TransIPCalculator(Calculator):
     implemented_properties: List[str] = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(self, model_path: Optional[str] = None, device: str = "cpu",
-                 charge: Optional[int] = None, spin: Optional[int] = None, **kwargs):
+                 charge: Optional[int] = None, spin: Optional[int] = None,
+                 low_memory: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.model_path = str(model_path) if model_path is not None else str(default_model_path())
         self.metadata = read_metadata(self.model_path)
         self.device = torch.device(device)
         self.model = load_exported(self.model_path, device=self.device)
+        if low_memory:  # one layer's activations at a time: large systems on a GPU
+            if not hasattr(self.model, "low_memory"):
+                raise ValueError(f"{self.model_path} predates the low_memory option; re-export it "
+                                 "with this transip-md (python -m transip_md.export ...)")
+            self.model.low_memory = True
         self.dtype = getattr(torch, self.metadata["dtype"])
         self.charge = charge
         self.spin = spin
