@@ -130,7 +130,8 @@ PairTransIP::PairTransIP(LAMMPS *lmp) :
     has_halo_entry(false), feature_width(0), cutghost_before(0.0), cutghost_raised(0.0),
     device(torch::kCPU),
     model_dtype(torch::kFloat64), model_cutoff(0.0), receptive_field(0.0), num_layers(0),
-    format_version(0), report_load(false)
+    format_version(0), report_load(false), halo_dtype(torch::kFloat64), halo_nlocal_rows(0),
+    border_ncalls(-1), border_nlocal(-1), border_nghost(-1)
 {
   single_enable = 0;
   restartinfo = 0;
@@ -909,7 +910,21 @@ void PairTransIP::compute(int eflag, int vflag)
              of forces (newton on) sums ghost forces into their owners, and
              virial_fdotr_compute() gives the virial.
    Every rank takes part in every exchange (L-1 forward, L-1 reverse), also
-   ranks that own no atom of a mapped type. Features travel as doubles.
+   ranks that own no atom of a mapped type. Features travel as doubles in
+   LAMMPS' buffers.
+
+   Exchange cost: on a GPU, copying whole [rows, W] matrices device <-> host
+   in every layer costs far more than the layers themselves, so only the
+   rows LAMMPS communicates cross: forward, the owned atoms it sends
+   ("border" atoms, gathered on the device into border_feat) and the ghost
+   rows it fills (ghost_feat, one copy to the device); backward, the ghost
+   rows' gradients and the sums received for border atoms. Which atoms
+   LAMMPS sends is learnt from pack_forward_comm itself (no Comm internals):
+   the set is restarted whenever the neighbour lists were rebuilt (atoms
+   renumbered), an exchange that meets an atom outside it reads a host copy
+   of all owned rows and adds the atom. Host blocks hold the model's dtype
+   (float32 or float64; converted to double only in pack/unpack); received
+   gradients are summed in double, as before, so the numbers are unchanged.
 
    recompute yes: the forward pass (edges, layers) runs without autograd
    graphs, keeping only each layer's input features; the backward pass
@@ -969,6 +984,24 @@ void PairTransIP::compute_halo()
   const int64_t nrows = static_cast<int64_t>(row_to_atom.size());
   const int64_t nedges = static_cast<int64_t>(edge_i_buf.size());
 
+  // ---- exchange bookkeeping: ghost rows of the model first in ghost_feat (they go to the
+  // device as one block), the other ghosts after them (they only pass through this rank)
+  halo_dtype = model_dtype == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  halo_nlocal_rows = nlocal_rows;
+  ghost_slot.resize(atom->nghost);
+  int other_ghosts = static_cast<int>(nrows - nlocal_rows);
+  for (int i = nlocal; i < nall; ++i)
+    ghost_slot[i - nlocal] = atom_to_row[i] >= 0 ? static_cast<int>(atom_to_row[i] - nlocal_rows)
+                                                 : other_ghosts++;
+  if (neighbor->ncalls != border_ncalls || nlocal != border_nlocal ||
+      atom->nghost != border_nghost) {    // atoms renumbered: learn the border atoms anew
+    border_atoms.clear();
+    border_ncalls = neighbor->ncalls;
+    border_nlocal = nlocal;
+    border_nghost = atom->nghost;
+  }
+  index_border_atoms();    // model rows change every step
+
   if (report_load) {
     report_load = false;
     const double mine[4] = {double(nlocal_rows), double(nrows - nlocal_rows), double(nedges),
@@ -995,7 +1028,6 @@ void PairTransIP::compute_halo()
   const bool optimize = jit_optimize == 1;    // default off: faster on CPU and on the H100
   torch::jit::GraphOptimizerEnabledGuard jit_guard(optimize);
 
-  feat_buf.assign(static_cast<size_t>(nall) * W, 0.0);
   torch::Tensor pos, numbers, q, s, nbr_index, edge, envelope, edge_leaf, env_leaf, h;
   std::vector<torch::Tensor> h_in(nlayers), out(nlayers);
   std::vector<c10::IValue> edge_args;
@@ -1064,21 +1096,9 @@ void PairTransIP::compute_halo()
       });
     }
     if (l + 1 == nlayers) break;
+    send_features(active ? out[l].detach() : torch::Tensor());
     if (active) {
-      const torch::Tensor o = out[l].detach().to(torch::kCPU, torch::kFloat64).contiguous();
-      const double *op = o.data_ptr<double>();
-      for (int64_t r = 0; r < nlocal_rows; ++r)
-        std::copy(op + r * W, op + (r + 1) * W, &feat_buf[size_t(row_to_atom[r]) * W]);
-    }
-    comm->forward_comm(this);
-    if (active) {
-      torch::Tensor hc = torch::empty({nrows, W}, f64);
-      double *hp = hc.data_ptr<double>();
-      for (int64_t r = 0; r < nrows; ++r) {
-        const double *src = &feat_buf[size_t(row_to_atom[r]) * W];
-        std::copy(src, src + W, hp + r * W);
-      }
-      h = hc.to(device, model_dtype);
+      guarded([&] { h = torch::cat({out[l].detach(), ghost_rows_to_device()}); });
       if (recompute) out[l] = torch::Tensor();    // re-run in the backward pass
     }
   }
@@ -1126,24 +1146,7 @@ void PairTransIP::compute_halo()
     }
     if (l == 0) break;
     // gradients that ghost rows received go to the owners of those atoms
-    grad_buf.assign(static_cast<size_t>(nall) * W, 0.0);
-    torch::Tensor gh;
-    if (active) {
-      gh = g_h.detach().to(torch::kCPU, torch::kFloat64).contiguous();
-      const double *gp = gh.data_ptr<double>();
-      for (int64_t r = nlocal_rows; r < nrows; ++r)
-        std::copy(gp + r * W, gp + (r + 1) * W, &grad_buf[size_t(row_to_atom[r]) * W]);
-    }
-    comm->reverse_comm(this);
-    if (active) {
-      torch::Tensor gl = gh.narrow(0, 0, nlocal_rows).clone();
-      double *gp = gl.data_ptr<double>();
-      for (int64_t r = 0; r < nlocal_rows; ++r) {
-        const double *add = &grad_buf[size_t(row_to_atom[r]) * W];
-        for (int64_t k = 0; k < W; ++k) gp[r * W + k] += add[k];
-      }
-      g_out = gl.to(device, model_dtype);
-    }
+    g_out = return_ghost_gradients(active ? g_h.detach() : torch::Tensor());
   }
 
   if (active) {
@@ -1177,13 +1180,189 @@ void PairTransIP::compute_halo()
   if (vflag_fdotr) virial_fdotr_compute();
 }
 
+/* ----------------------------------------------------------------------
+   Halo exchange helpers. Slots: border_atoms lists the atoms that LAMMPS'
+   forward communication packs (owned or ghost), owned atoms with model rows
+   first, in row order (their rows are border_rows / border_index); for those
+   atoms border_feat holds the features to send and border_grad the
+   gradients received, by slot.
+------------------------------------------------------------------------- */
+
+namespace {
+
+// row `row` of a contiguous [*, W] host block of float or double, as doubles
+void load_row(const torch::Tensor &block, int64_t row, double *dst)
+{
+  const int64_t W = block.size(1);
+  if (block.scalar_type() == torch::kFloat32) {
+    const float *src = block.data_ptr<float>() + row * W;
+    std::copy(src, src + W, dst);
+  } else {
+    const double *src = block.data_ptr<double>() + row * W;
+    std::copy(src, src + W, dst);
+  }
+}
+
+void store_row(const double *src, torch::Tensor &block, int64_t row)
+{
+  const int64_t W = block.size(1);
+  if (block.scalar_type() == torch::kFloat32)
+    std::copy(src, src + W, block.data_ptr<float>() + row * W);
+  else
+    std::copy(src, src + W, block.data_ptr<double>() + row * W);
+}
+
+}    // namespace
+
+// The first `rows` rows of a kept host block [capacity, W] (pinned for CUDA), grown as needed.
+torch::Tensor PairTransIP::host_rows(torch::Tensor &block, int64_t rows, torch::Dtype dtype)
+{
+  const int64_t W = feature_width;
+  if (!block.defined() || block.size(0) < rows || block.size(1) != W ||
+      block.scalar_type() != dtype) {
+    auto options = torch::TensorOptions().dtype(dtype);
+    if (device.is_cuda()) options = options.pinned_memory(true);
+    block = torch::empty({std::max<int64_t>(rows + rows / 8, 1), W}, options);
+  }
+  return block.narrow(0, 0, rows);
+}
+
+// Slots of border_atoms (see above): each step (model rows change) and when atoms were added.
+void PairTransIP::index_border_atoms()
+{
+  const int nlocal = atom->nlocal;
+  std::sort(border_atoms.begin(), border_atoms.end());
+  border_atoms.erase(std::unique(border_atoms.begin(), border_atoms.end()), border_atoms.end());
+  std::stable_partition(border_atoms.begin(), border_atoms.end(),
+                        [&](int i) { return i < nlocal && atom_to_row[i] >= 0; });
+  border_slot.assign(nlocal + atom->nghost, -1);
+  border_rows.clear();
+  for (size_t k = 0; k < border_atoms.size(); ++k) {
+    const int i = border_atoms[k];
+    border_slot[i] = static_cast<int>(k);
+    if (i < nlocal && atom_to_row[i] >= 0) border_rows.push_back(atom_to_row[i]);
+  }
+  const auto rows = torch::from_blob(border_rows.data(), {int64_t(border_rows.size())},
+                                     torch::TensorOptions().dtype(torch::kInt64));
+  border_index = device.is_cuda() ? rows.to(device) : rows.clone();
+}
+
+// border_feat = the rows of halo_out that LAMMPS will send: gathered on the device, one copy.
+void PairTransIP::gather_border_rows()
+{
+  const int64_t n = static_cast<int64_t>(border_rows.size());
+  if (!halo_out.defined() || n == 0) return;
+  torch::Tensor block = host_rows(border_feat, n, halo_dtype);
+  if (halo_out.is_cpu() && halo_out.scalar_type() == halo_dtype)
+    torch::index_select_out(block, halo_out, 0, border_index);
+  else
+    block.copy_(halo_out.index_select(0, border_index));
+}
+
+// All owned rows of halo_out on the host, for atoms not (yet) in border_atoms: once after each
+// reneighbouring, while the border atoms are learnt.
+const torch::Tensor &PairTransIP::all_local_rows()
+{
+  if (!halo_all_local.defined())
+    halo_all_local = halo_out.to(torch::kCPU, halo_dtype).contiguous();
+  return halo_all_local;
+}
+
+// Forward communication of one layer's output (owned rows; undefined on a rank without them).
+void PairTransIP::send_features(const torch::Tensor &out_l)
+{
+  try {
+    halo_out = out_l;
+    gather_border_rows();
+    host_rows(ghost_feat, atom->nghost, halo_dtype);
+  } catch (const std::exception &e) {
+    error->one(FLERR, "pair_style transip: halo exchange failed at step {}: {}",
+               update->ntimestep, last_line_of(e.what()));
+  }
+  border_new.clear();
+  comm->forward_comm(this);
+  halo_out = torch::Tensor();
+  halo_all_local = torch::Tensor();
+  if (!border_new.empty()) {    // learnt new border atoms: slots for them, before the next use
+    border_atoms.insert(border_atoms.end(), border_new.begin(), border_new.end());
+    index_border_atoms();
+  }
+}
+
+// The model's ghost rows (first rows of ghost_feat) on the device, in one copy.
+torch::Tensor PairTransIP::ghost_rows_to_device()
+{
+  const int64_t nghost_rows = static_cast<int64_t>(row_to_atom.size()) - halo_nlocal_rows;
+  return ghost_feat.narrow(0, 0, nghost_rows).to(device, model_dtype);
+}
+
+/* Reverse communication of the ghost rows of g_h (undefined on a rank without model rows);
+   returns the owned rows of g_h plus what they received: the gradient of out_{l-1}. Only the
+   ghost rows go to the host, only the border rows' sums come back. Sums are accumulated and
+   added in double (then rounded to the model's dtype), as the full-buffer version did. */
+torch::Tensor PairTransIP::return_ghost_gradients(const torch::Tensor &g_h)
+{
+  const int nlocal = atom->nlocal;
+  const int64_t nlocal_rows = halo_nlocal_rows;
+  const int64_t nghost_rows = static_cast<int64_t>(row_to_atom.size()) - nlocal_rows;
+  const int64_t nborder = static_cast<int64_t>(border_atoms.size());
+  const int64_t nborder_rows = static_cast<int64_t>(border_rows.size());
+  try {
+    if (g_h.defined() && nghost_rows > 0)
+      host_rows(ghost_feat, nghost_rows, halo_dtype)
+          .copy_(g_h.narrow(0, nlocal_rows, nghost_rows));
+    // a border atom's sum starts at 0 if it is owned, at its own gradient if it is a ghost
+    // (multi-hop routes: it passes on what it received plus its own)
+    torch::Tensor sums = host_rows(border_grad, nborder, torch::kFloat64);
+    double *sp = sums.data_ptr<double>();
+    const int64_t W = feature_width;
+    for (int64_t k = 0; k < nborder; ++k) {
+      const int i = border_atoms[k];
+      if (i >= nlocal && atom_to_row[i] >= 0)
+        load_row(ghost_feat, atom_to_row[i] - nlocal_rows, sp + k * W);
+      else
+        std::fill(sp + k * W, sp + (k + 1) * W, 0.0);
+    }
+  } catch (const std::exception &e) {
+    error->one(FLERR, "pair_style transip: halo exchange failed at step {}: {}",
+               update->ntimestep, last_line_of(e.what()));
+  }
+  comm->reverse_comm(this);
+  if (!g_h.defined()) return torch::Tensor();
+  try {
+    torch::Tensor g_local = g_h.narrow(0, 0, nlocal_rows);
+    if (nborder_rows == 0) return g_local;
+    const torch::Tensor received = border_grad.narrow(0, 0, nborder_rows).to(device);
+    const torch::Tensor summed =
+        g_local.index_select(0, border_index).to(torch::kFloat64).add_(received);
+    return g_local.index_copy(0, border_index, summed.to(model_dtype));
+  } catch (const std::exception &e) {
+    error->one(FLERR, "pair_style transip: halo exchange failed at step {}: {}",
+               update->ntimestep, last_line_of(e.what()));
+  }
+}
+
 int PairTransIP::pack_forward_comm(int n, int *list, double *buf, int /*pbc_flag*/,
                                    int * /*pbc*/)
 {
+  const int nlocal = atom->nlocal;
   const size_t W = static_cast<size_t>(feature_width);
   for (int k = 0; k < n; ++k) {
-    const double *src = &feat_buf[size_t(list[k]) * W];
-    std::copy(src, src + W, buf + size_t(k) * W);
+    const int i = list[k];
+    double *dst = buf + size_t(k) * W;
+    const int slot = border_slot[i];
+    if (i >= nlocal)
+      load_row(ghost_feat, ghost_slot[i - nlocal], dst);
+    else if (atom_to_row[i] < 0)    // NULL type: no features
+      std::fill(dst, dst + W, 0.0);
+    else if (slot >= 0)
+      load_row(border_feat, slot, dst);
+    else
+      load_row(all_local_rows(), atom_to_row[i], dst);
+    if (slot == -1) {    // first time LAMMPS sends this atom since the reneighbouring
+      border_slot[i] = -2;
+      border_new.push_back(i);
+    }
   }
   return static_cast<int>(n * W);
 }
@@ -1191,22 +1370,40 @@ int PairTransIP::pack_forward_comm(int n, int *list, double *buf, int /*pbc_flag
 void PairTransIP::unpack_forward_comm(int n, int first, double *buf)
 {
   const size_t W = static_cast<size_t>(feature_width);
-  std::copy(buf, buf + size_t(n) * W, &feat_buf[size_t(first) * W]);
+  const int nlocal = atom->nlocal;
+  for (int k = 0; k < n; ++k)
+    store_row(buf + size_t(k) * W, ghost_feat, ghost_slot[first + k - nlocal]);
 }
 
 int PairTransIP::pack_reverse_comm(int n, int first, double *buf)
 {
   const size_t W = static_cast<size_t>(feature_width);
-  const double *src = &grad_buf[size_t(first) * W];
-  std::copy(src, src + size_t(n) * W, buf);
+  const int64_t nlocal_rows = halo_nlocal_rows;
+  for (int k = 0; k < n; ++k) {
+    const int i = first + k;
+    double *dst = buf + size_t(k) * W;
+    if (border_slot[i] >= 0)    // a ghost on a multi-hop route: its sum so far
+      load_row(border_grad, border_slot[i], dst);
+    else if (atom_to_row[i] >= 0)
+      load_row(ghost_feat, atom_to_row[i] - nlocal_rows, dst);
+    else
+      std::fill(dst, dst + W, 0.0);
+  }
   return static_cast<int>(n * W);
 }
 
 void PairTransIP::unpack_reverse_comm(int n, int *list, double *buf)
 {
   const size_t W = static_cast<size_t>(feature_width);
+  double *sums = border_grad.data_ptr<double>();
   for (int k = 0; k < n; ++k) {
-    double *dst = &grad_buf[size_t(list[k]) * W];
+    const int slot = border_slot[list[k]];
+    if (slot < 0)
+      error->one(FLERR,
+                 "pair_style transip: reverse communication reached atom {} that forward "
+                 "communication did not send (internal error)",
+                 list[k]);
+    double *dst = sums + size_t(slot) * W;
     const double *src = buf + size_t(k) * W;
     for (size_t c = 0; c < W; ++c) dst[c] += src[c];
   }
@@ -1378,6 +1575,8 @@ double PairTransIP::memory_usage()
   bytes += atom_to_row.capacity() * sizeof(int) + row_to_atom.capacity() * sizeof(int);
   bytes += pos_buf.capacity() * sizeof(double) + z_buf.capacity() * sizeof(int64_t);
   bytes += (edge_i_buf.capacity() + edge_j_buf.capacity()) * sizeof(int64_t);
-  bytes += (feat_buf.capacity() + grad_buf.capacity()) * sizeof(double);
+  for (const torch::Tensor *block : {&border_feat, &ghost_feat, &border_grad})
+    if (block->defined()) bytes += double(block->numel() * block->element_size());
+  bytes += (border_atoms.capacity() + border_slot.capacity() + ghost_slot.capacity()) * sizeof(int);
   return bytes;
 }

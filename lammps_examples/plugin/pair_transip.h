@@ -94,14 +94,39 @@ class PairTransIP : public Pair {
   std::vector<int> hops;               // graph distance (in edges) from owned atoms
   std::vector<int> frontier, next_frontier;
   std::vector<char> centre_in_list;    // atom has a neighbour row in the list
-  std::vector<double> feat_buf;        // halo: [nall, W] features by LAMMPS index
-  std::vector<double> grad_buf;        // halo: [nall, W] feature gradients by LAMMPS index
   bool report_load;                    // log ghost/local counts at the next compute
+
+  // ---- halo exchange (compute_halo): only the rows LAMMPS communicates cross between the
+  // model's device and the host; host blocks are pinned when the device is CUDA, hold the
+  // model's dtype (float64, else float32) and are kept between steps
+  torch::Dtype halo_dtype;             // dtype of the feature blocks on the host
+  int64_t halo_nlocal_rows;            // model rows of owned atoms (ghost rows follow)
+  torch::Tensor halo_out;              // the owned rows being sent (model device), while sending
+  torch::Tensor halo_all_local;        // host copy of all of halo_out, made only when needed
+  torch::Tensor border_feat;           // host [border rows, W]: owned rows LAMMPS sends
+  torch::Tensor ghost_feat;            // host [nghost, W]: ghosts' features, model ghost rows
+                                       //   first; backward: those rows' gradients
+  torch::Tensor border_grad;           // host float64 [border atoms, W]: gradients received
+  torch::Tensor border_index;          // model rows of the owned border atoms, on the device
+  std::vector<int> border_atoms;       // atoms LAMMPS sends (owned or ghost), in slot order
+  std::vector<int> border_new;         // atoms first sent in the current exchange
+  std::vector<int> border_slot;        // LAMMPS index -> slot in border_atoms (-1 none, -2 new)
+  std::vector<int64_t> border_rows;    // model rows of the owned border atoms (slots 0..)
+  std::vector<int> ghost_slot;         // LAMMPS index - nlocal -> row of ghost_feat
+  bigint border_ncalls;                // neighbor->ncalls when border_atoms was started
+  int border_nlocal, border_nghost;    // atom counts then
 
   bool can_prune() const;
   void compute_owner_mapped();
   void add_model_results(const double *fr, int64_t nrows, const double *er, int64_t nlocal_rows);
   void compute_halo();
+  torch::Tensor host_rows(torch::Tensor &block, int64_t rows, torch::Dtype dtype);
+  void index_border_atoms();
+  void gather_border_rows();
+  const torch::Tensor &all_local_rows();
+  void send_features(const torch::Tensor &out_l);
+  torch::Tensor ghost_rows_to_device();
+  torch::Tensor return_ghost_gradients(const torch::Tensor &g_h);
   void check_box();
   void allocate();
   void load_model(const std::string &path);
