@@ -197,10 +197,12 @@ def test_packaged_sources_link():
 
 
 # ----------------------------------------------------------------------------- physics, serial
-@pytest.mark.parametrize("ghosts", ["map", "halo", "halo recompute yes", "shell"])
+@pytest.mark.parametrize("ghosts", ["map", "map recompute yes", "halo", "halo recompute yes",
+                                    "shell"])
 def test_periodic_water_matches_model(plugin, water_data, model64, scripted, ghosts):
-    """One rank: owner-mapped ghosts (default), the per-layer halo exchange (through LAMMPS'
-    self-communication of periodic images) and the receptive-field ghost shell, all exact."""
+    """One rank: owner-mapped ghosts (default; with recompute the file's low_memory
+    checkpointing), the per-layer halo exchange (through LAMMPS' self-communication of periodic
+    images) and the receptive-field ghost shell, all exact."""
     res = run0_inprocess(plugin, water_data, model64, style_args=f"ghosts {ghosts}")
     compare_with_reference(res, scripted, (True, True, True))
 

@@ -552,14 +552,29 @@ void PairTransIP::init_style()
   }
 
   ghostneigh = ghost_mode == GHOSTS_SHELL ? 1 : 0;    // shell mode needs neighbours of ghosts
+
+  // recompute yes in map mode: the model file checkpoints its own layers (low_memory attribute,
+  // one layer's autograd graph at a time inside lammps_periodic).
+  const bool has_low_memory = model->hasattr("low_memory");
+  if (ghost_mode == GHOSTS_MAP && recompute && !has_low_memory)
+    error->all(FLERR,
+               "pair_style transip recompute yes with ghosts map needs a model file with the "
+               "low_memory attribute; re-export '{}' with this transip-md "
+               "(python -m transip_md.export)",
+               model_path);
+  if (has_low_memory) model->setattr("low_memory", ghost_mode == GHOSTS_MAP && recompute);
+
   if (ghost_mode == GHOSTS_MAP) {
     no_virial_fdotr_compute = 1;    // the model returns the virial of the mapped edges
     neighbor->add_request(this, NeighConst::REQ_FULL);
     if (comm->me == 0)
       utils::logmesg(lmp,
                      "TransIP: one rank: periodic ghosts mapped to their owned atoms; the "
-                     "model runs on owned atoms only (ghost cutoff {:.4g} Å = cutoff + skin)\n",
-                     model_cutoff + neighbor->skin);
+                     "model runs on owned atoms only (ghost cutoff {:.4g} Å = cutoff + skin){}\n",
+                     model_cutoff + neighbor->skin,
+                     recompute ? "; recompute yes: the model keeps one layer's autograd graph "
+                                 "at a time (less memory, more time)"
+                               : "");
     return;
   }
   no_virial_fdotr_compute = 0;

@@ -210,10 +210,25 @@ class TransIPPotential(nn.Module):
         i, j, s = neighbor_pairs(positions, cell, pbc, self.cutoff)
         deform = torch.eye(3, dtype=positions.dtype, device=positions.device) + strain
         shift = s @ (cell @ deform)
-        nbr_index, nbr_vec = self._dense_neighbors(positions @ deform, i, j, shift)
         n_atoms = positions.shape[0]
         q = charge.reshape(1).to(torch.long).expand(n_atoms)
         m = spin.reshape(1).to(torch.long).expand(n_atoms)
+        return self._checkpointed_gradients(positions @ deform, numbers, q, m, i, j, shift, inputs)
+
+    def _checkpointed_gradients(
+        self,
+        positions: Tensor,
+        numbers: Tensor,
+        q: Tensor,
+        m: Tensor,
+        i: Tensor,
+        j: Tensor,
+        shift: Tensor,
+        inputs: List[Tensor],
+    ) -> Tuple[Tensor, List[Optional[Tensor]]]:
+        """The checkpointed sweeps of :meth:`_gradients_low_memory` for a pair list sorted by i
+        (``positions[j] - positions[i] + shift``; q, m per atom)."""
+        nbr_index, nbr_vec = self._dense_neighbors(positions, i, j, shift)
         net = self.network
         # Edge features without their graph during the sweeps (recomputed with it at the end).
         edge_fixed, env_fixed = net.edge_features(nbr_vec.detach())
@@ -473,8 +488,12 @@ class TransIPPotential(nn.Module):
         n_atoms = positions.shape[0]
         q = charge.reshape(1).to(torch.long).expand(n_atoms)
         m = spin.reshape(1).to(torch.long).expand(n_atoms)
-        energies, _ = self.atom_energies_from_pairs(positions, numbers, q, m, i, j, shift)
-        grads = torch.autograd.grad([energies.sum()], [positions, shift], allow_unused=True)
+        if self.low_memory:
+            energies, grads = self._checkpointed_gradients(
+                positions, numbers, q, m, i, j, shift, [positions, shift])
+        else:
+            energies, _ = self.atom_energies_from_pairs(positions, numbers, q, m, i, j, shift)
+            grads = torch.autograd.grad([energies.sum()], [positions, shift], allow_unused=True)
         g_pos = grads[0]
         g_shift = grads[1]
         forces = -g_pos if g_pos is not None else torch.zeros_like(positions)
