@@ -1,0 +1,43 @@
+"""LAMMPS on CUDA equals LAMMPS on the CPU: map, halo and halo+recompute (float64).
+
+    python benchmarks/lammps_cuda_exactness.py LMP MPIRUN PLUGIN MODEL64.pt WORKDIR
+
+1,536-atom periodic water box, ``run 0``; one CPU rank is the reference; prints max |dF|
+(eV/Å) of ``device cuda`` with one rank (map) and with ``mpirun -np 2`` (halo, halo +
+recompute; both ranks may share one GPU) and of ``device cpu`` with two ranks (halo).
+"""
+import subprocess, sys, os
+import numpy as np
+sys.path.insert(0, "lammps_examples")
+from make_water_box import write_lammps_data
+from transip_md.systems import water_box
+lmp, mpirun, plugin, model, out = sys.argv[1:6]
+atoms = water_box(512, seed=0)
+write_lammps_data(f"{out}/w.data", atoms)
+def run(tag, style, np_):
+    deck = f"""units metal
+atom_style atomic
+read_data {out}/w.data
+plugin load {plugin}
+pair_style transip {style}
+pair_coeff * * {model} O H
+thermo_style custom step pe press
+thermo_modify format float %.15g
+dump d all custom 1 {out}/{tag}.dump id fx fy fz
+dump_modify d sort id format float %.17g
+run 0
+"""
+    open(f"{out}/in.{tag}", "w").write(deck)
+    cmd = ([mpirun, "-np", str(np_)] if np_ > 1 else []) + [lmp, "-in", f"{out}/in.{tag}", "-log", "none"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=200)
+    pe = [l for l in p.stdout.splitlines() if l.strip().startswith("0 ")]
+    print(tag, p.returncode, pe[-1] if pe else p.stdout[-800:] + p.stderr[-800:], flush=True)
+    L = open(f"{out}/{tag}.dump").read().splitlines()
+    i = max(k for k, l in enumerate(L) if l.startswith("ITEM: ATOMS"))
+    return np.array([[float(v) for v in l.split()] for l in L[i + 1:]])[:, 1:]
+ref = run("cpu_np1", "device cpu", 1)
+for tag, style, n in [("cuda_np1_map", "device cuda", 1), ("cuda_np2_halo", "device cuda ghosts halo", 2),
+                      ("cuda_np2_halo_recompute", "device cuda ghosts halo recompute yes", 2),
+                      ("cpu_np2_halo", "device cpu ghosts halo", 2)]:
+    f = run(tag, style, n)
+    print(f"  {tag}: max|dF| vs cpu np1 = {np.abs(f - ref).max():.3e} eV/A (|F|max {np.abs(ref).max():.2f})", flush=True)
