@@ -833,45 +833,17 @@ void PairTransIP::compute(int eflag, int vflag)
   }
   const int64_t nedges = static_cast<int64_t>(edge_i_buf.size());
 
-  if (report_load) {
-    report_load = false;
-    const double mine[4] = {double(nlocal_rows), double(nrows - nlocal_rows), double(nedges),
-                            double(atom->nghost)};
-    double sum[4], most[4], least[4];
-    MPI_Reduce(mine, sum, 4, MPI_DOUBLE, MPI_SUM, 0, world);
-    MPI_Reduce(mine, most, 4, MPI_DOUBLE, MPI_MAX, 0, world);
-    MPI_Reduce(mine, least, 4, MPI_DOUBLE, MPI_MIN, 0, world);
-    if (comm->me == 0)
-      utils::logmesg(lmp,
-                     "TransIP: model input over {} rank(s): {:.0f} owned + {:.0f} ghost atoms "
-                     "({:.2f} per owned atom; LAMMPS holds {:.0f} ghosts{}), {:.0f} edges\n"
-                     "TransIP: per rank: owned atoms {:.0f}..{:.0f}, model ghosts {:.0f}..{:.0f}\n",
-                     comm->nprocs, sum[0], sum[1], sum[0] > 0 ? sum[1] / sum[0] : 0.0, sum[3],
-                     pruning ? ", the rest cannot reach owned atoms" : "", sum[2], least[0],
-                     most[0], least[1], most[1]);
-  }
+  if (report_load) report_model_load(nlocal_rows, nrows, nedges,
+                                      pruning ? ", the rest cannot reach owned atoms" : "");
 
   // An empty subdomain (or one holding only NULL-type atoms) has no energy
   // of its own; its ghosts' forces come from the ranks that own neighbours.
   if (nlocal_rows > 0) {
     torch::Tensor energies, forces;
     try {
-      const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
-      const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-      torch::Tensor pos = torch::from_blob(pos_buf.data(), {nrows, 3}, f64);
-      torch::Tensor numbers = torch::from_blob(z_buf.data(), {nrows}, i64);
-      torch::Tensor ei = torch::from_blob(edge_i_buf.data(), {nedges}, i64);
-      torch::Tensor ej = torch::from_blob(edge_j_buf.data(), {nedges}, i64);
-      torch::Tensor q = torch::scalar_tensor(total_charge, i64);
-      torch::Tensor s = torch::scalar_tensor(multiplicity, i64);
-      if (device.is_cuda()) {
-        pos = pos.to(device, model_dtype);
-        numbers = numbers.to(device);
-        ei = ei.to(device);
-        ej = ej.to(device);
-        q = q.to(device);
-        s = s.to(device);
-      }
+      const ModelInputs in = model_inputs(nrows, nedges);
+      const torch::Tensor &pos = in.pos, &numbers = in.numbers, &ei = in.edge_i,
+                          &ej = in.edge_j, &q = in.charge, &s = in.spin;
       // The profiling graph executor re-specialises on every new neighbour count;
       // that costs more than it gains (measured 17-40% slower on the CPU, 1.45x
       // slower on an H100), so it is off unless asked for. Thread-local, restored.
@@ -1017,29 +989,13 @@ void PairTransIP::compute_halo()
   }
   index_border_atoms();    // model rows change every step
 
-  if (report_load) {
-    report_load = false;
-    const double mine[4] = {double(nlocal_rows), double(nrows - nlocal_rows), double(nedges),
-                            double(atom->nghost)};
-    double sum[4], most[4], least[4];
-    MPI_Reduce(mine, sum, 4, MPI_DOUBLE, MPI_SUM, 0, world);
-    MPI_Reduce(mine, most, 4, MPI_DOUBLE, MPI_MAX, 0, world);
-    MPI_Reduce(mine, least, 4, MPI_DOUBLE, MPI_MIN, 0, world);
-    if (comm->me == 0)
-      utils::logmesg(lmp,
-                     "TransIP: model input over {} rank(s): {:.0f} owned + {:.0f} ghost atoms "
-                     "({:.2f} per owned atom; LAMMPS holds {:.0f} ghosts; halo exchange: layers "
-                     "run on owned atoms only), {:.0f} edges\n"
-                     "TransIP: per rank: owned atoms {:.0f}..{:.0f}, model ghosts {:.0f}..{:.0f}\n",
-                     comm->nprocs, sum[0], sum[1], sum[0] > 0 ? sum[1] / sum[0] : 0.0, sum[3],
-                     sum[2], least[0], most[0], least[1], most[1]);
-  }
+  if (report_load)
+    report_model_load(nlocal_rows, nrows, nedges, "; halo exchange: layers run on owned atoms only");
 
   // A rank without owned atoms of mapped types runs no model but still takes part in every
   // exchange (its ghosts' features pass through it on multi-hop routes).
   const bool active = nlocal_rows > 0;
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
-  const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
   const bool optimize = jit_optimize == 1;    // default off: faster on CPU and on the H100
   torch::jit::GraphOptimizerEnabledGuard jit_guard(optimize);
 
@@ -1065,20 +1021,12 @@ void PairTransIP::compute_halo()
 
   if (active) {
     guarded([&] {
-      pos = torch::from_blob(pos_buf.data(), {nrows, 3}, f64);
-      numbers = torch::from_blob(z_buf.data(), {nrows}, i64);
-      torch::Tensor ei = torch::from_blob(edge_i_buf.data(), {nedges}, i64);
-      torch::Tensor ej = torch::from_blob(edge_j_buf.data(), {nedges}, i64);
-      q = torch::scalar_tensor(total_charge, i64);
-      s = torch::scalar_tensor(multiplicity, i64);
-      if (device.is_cuda()) {
-        pos = pos.to(device, model_dtype);
-        numbers = numbers.to(device);
-        ei = ei.to(device);
-        ej = ej.to(device);
-        q = q.to(device);
-        s = s.to(device);
-      }
+      const ModelInputs in = model_inputs(nrows, nedges);
+      pos = in.pos;
+      numbers = in.numbers;
+      const torch::Tensor &ei = in.edge_i, &ej = in.edge_j;
+      q = in.charge;
+      s = in.spin;
       pos = pos.detach().requires_grad_(!recompute);
       edge_args = {pos, numbers, ei, ej, nlocal_rows, q, s};
       c10::intrusive_ptr<c10::ivalue::Tuple> res;
@@ -1497,24 +1445,12 @@ void PairTransIP::compute_owner_mapped()
 
   torch::Tensor energies, forces, wvir;
   try {
-    const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
-    const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-    torch::Tensor pos = torch::from_blob(pos_buf.data(), {nrows, 3}, f64);
-    torch::Tensor numbers = torch::from_blob(z_buf.data(), {nrows}, i64);
-    torch::Tensor ei = torch::from_blob(edge_i_buf.data(), {nedges}, i64);
-    torch::Tensor ej = torch::from_blob(edge_j_buf.data(), {nedges}, i64);
-    torch::Tensor sh = torch::from_blob(shift_buf.data(), {nedges, 3}, f64);
-    torch::Tensor q = torch::scalar_tensor(total_charge, i64);
-    torch::Tensor s = torch::scalar_tensor(multiplicity, i64);
-    if (device.is_cuda()) {
-      pos = pos.to(device, model_dtype);
-      numbers = numbers.to(device);
-      ei = ei.to(device);
-      ej = ej.to(device);
-      sh = sh.to(device, model_dtype);
-      q = q.to(device);
-      s = s.to(device);
-    }
+    const ModelInputs in = model_inputs(nrows, nedges);
+    const torch::Tensor &pos = in.pos, &numbers = in.numbers, &ei = in.edge_i,
+                        &ej = in.edge_j, &q = in.charge, &s = in.spin;
+    torch::Tensor sh = torch::from_blob(shift_buf.data(), {nedges, 3},
+                                        torch::TensorOptions().dtype(torch::kFloat64));
+    if (device.is_cuda()) sh = sh.to(device, model_dtype);
     const bool optimize = jit_optimize == 1;    // default off: faster on CPU and on the H100
     torch::jit::GraphOptimizerEnabledGuard jit_guard(optimize);
     auto out = model->get_method("lammps_periodic")({pos, numbers, ei, ej, sh, q, s});
@@ -1547,6 +1483,52 @@ void PairTransIP::compute_owner_mapped()
     const double *w = wvir.data_ptr<double>();
     for (int k = 0; k < 6; ++k) virial[k] += w[k];
   }
+}
+
+// Logs (once after init, on rank 0) how many atoms and edges the model gets per rank: the
+// number to watch for the cost of ghost atoms. Collective: every rank must call it.
+void PairTransIP::report_model_load(int64_t nlocal_rows, int64_t nrows, int64_t nedges,
+                                    const char *note)
+{
+  report_load = false;
+  const double mine[4] = {double(nlocal_rows), double(nrows - nlocal_rows), double(nedges),
+                          double(atom->nghost)};
+  double sum[4], most[4], least[4];
+  MPI_Reduce(mine, sum, 4, MPI_DOUBLE, MPI_SUM, 0, world);
+  MPI_Reduce(mine, most, 4, MPI_DOUBLE, MPI_MAX, 0, world);
+  MPI_Reduce(mine, least, 4, MPI_DOUBLE, MPI_MIN, 0, world);
+  if (comm->me == 0)
+    utils::logmesg(lmp,
+                   "TransIP: model input over {} rank(s): {:.0f} owned + {:.0f} ghost atoms "
+                   "({:.2f} per owned atom; LAMMPS holds {:.0f} ghosts{}), {:.0f} edges\n"
+                   "TransIP: per rank: owned atoms {:.0f}..{:.0f}, model ghosts {:.0f}..{:.0f}\n",
+                   comm->nprocs, sum[0], sum[1], sum[0] > 0 ? sum[1] / sum[0] : 0.0, sum[3],
+                   note, sum[2], least[0], most[0], least[1], most[1]);
+}
+
+// The per-step model inputs from the scratch buffers (positions, atomic numbers, edges) plus
+// charge and multiplicity, moved to the model's device; on a GPU positions travel in the
+// model's dtype. On the CPU the tensors alias the buffers (no copy).
+PairTransIP::ModelInputs PairTransIP::model_inputs(int64_t nrows, int64_t nedges)
+{
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  ModelInputs in;
+  in.pos = torch::from_blob(pos_buf.data(), {nrows, 3}, f64);
+  in.numbers = torch::from_blob(z_buf.data(), {nrows}, i64);
+  in.edge_i = torch::from_blob(edge_i_buf.data(), {nedges}, i64);
+  in.edge_j = torch::from_blob(edge_j_buf.data(), {nedges}, i64);
+  in.charge = torch::scalar_tensor(total_charge, i64);
+  in.spin = torch::scalar_tensor(multiplicity, i64);
+  if (device.is_cuda()) {
+    in.pos = in.pos.to(device, model_dtype);
+    in.numbers = in.numbers.to(device);
+    in.edge_i = in.edge_i.to(device);
+    in.edge_j = in.edge_j.to(device);
+    in.charge = in.charge.to(device);
+    in.spin = in.spin.to(device);
+  }
+  return in;
 }
 
 // Forces of the model's rows onto their LAMMPS atoms (ghost rows included: reverse

@@ -118,6 +118,11 @@ class PairTransIP : public Pair {
 
   bool can_prune() const;
   void compute_owner_mapped();
+  void report_model_load(int64_t nlocal_rows, int64_t nrows, int64_t nedges, const char *note);
+  struct ModelInputs {
+    torch::Tensor pos, numbers, edge_i, edge_j, charge, spin;
+  };
+  ModelInputs model_inputs(int64_t nrows, int64_t nedges);
   void add_model_results(const double *fr, int64_t nrows, const double *er, int64_t nlocal_rows);
   void compute_halo();
   torch::Tensor host_rows(torch::Tensor &block, int64_t rows, torch::Dtype dtype);

@@ -150,20 +150,22 @@ class TransIPPotential(nn.Module):
         return self.network(numbers, charge, spin, nbr_index, nbr_vec)
 
     def _dense_neighbors(
-        self, positions: Tensor, i: Tensor, j: Tensor, shift: Tensor
+        self, positions: Tensor, i: Tensor, j: Tensor, shift: Tensor, n_rows: int = -1
     ) -> Tuple[Tensor, Tensor]:
-        """``nbr_index`` [N, K] (padding N) and displacements ``nbr_vec`` [N, K, 3] (padding
-        beyond the cutoff) of a pair list sorted by i; differentiable in positions and shift."""
+        """``nbr_index`` [R, K] (padding N) and displacements ``nbr_vec`` [R, K, 3] (padding
+        beyond the cutoff) of a pair list sorted by i; differentiable in positions and shift.
+        R = ``n_rows`` (the first atoms: an engine's local atoms), default all N atoms."""
         n_atoms = positions.shape[0]
+        rows = n_atoms if n_rows < 0 else n_rows
         vec = positions.index_select(0, j) - positions.index_select(0, i) + shift
         if self.check_inputs:
             self._check_pair_distances(vec, i, j)
-        row, slot, k_max = pairs_to_dense(i, n_atoms)
+        row, slot, k_max = pairs_to_dense(i, rows)
         far = torch.zeros(3, dtype=positions.dtype, device=positions.device)
         far[0] = 2.0 * self.cutoff
-        nbr_vec = far.expand(n_atoms, k_max, 3).clone()
+        nbr_vec = far.expand(rows, k_max, 3).clone()
         nbr_vec = nbr_vec.index_put((row, slot), vec)
-        nbr_index = torch.full((n_atoms, k_max), n_atoms, dtype=torch.long, device=positions.device)
+        nbr_index = torch.full((rows, k_max), n_atoms, dtype=torch.long, device=positions.device)
         nbr_index = nbr_index.index_put((row, slot), j)
         return nbr_index, nbr_vec
 
@@ -399,10 +401,11 @@ class TransIPPotential(nn.Module):
 
     # ------------------------------------------------------------------ LAMMPS entry
     def _prepare_engine(
-        self, positions: Tensor, numbers: Tensor, charge: Tensor, spin: Tensor
+        self, positions: Tensor, numbers: Tensor, charge: Tensor, spin: Tensor,
+        fresh_leaf: bool = True,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Inputs of the engine entry points on the model's device/dtype, validated, and
-        positions as a fresh autograd leaf."""
+        positions as a fresh autograd leaf (``fresh_leaf``) or keeping the caller's graph."""
         dtype = self.network.energy_scale.dtype
         device = self.network.energy_scale.device
         positions = positions.to(device=device, dtype=dtype)
@@ -411,7 +414,9 @@ class TransIPPotential(nn.Module):
         spin = spin.to(device)
         if self.check_inputs:
             self.validate(positions, numbers, charge, spin)
-        return positions.detach().requires_grad_(True), numbers, charge, spin
+        if fresh_leaf:
+            positions = positions.detach().requires_grad_(True)
+        return positions, numbers, charge, spin
 
     def _engine_pairs(
         self, positions: Tensor, edge_i: Tensor, edge_j: Tensor, edge_shift: Tensor
@@ -536,35 +541,23 @@ class TransIPPotential(nn.Module):
         ``edge`` [nlocal, K, E] and ``envelope`` [nlocal, K]. Validates the inputs like the
         other entry points (element, charge, spin, atoms at the same position).
         """
-        dtype = self.network.energy_scale.dtype
-        device = self.network.energy_scale.device
-        positions = positions.to(device=device, dtype=dtype)  # keeps the autograd graph
-        numbers = numbers.to(device=device, dtype=torch.long)
-        charge = charge.to(device)
-        spin = spin.to(device)
         n_total = positions.shape[0]
         if nlocal < 0 or nlocal > n_total:
             raise ValueError(
                 "nlocal = " + str(nlocal) + " is outside 0.." + str(n_total) + " (atoms given)"
             )
-        if self.check_inputs:
-            self.validate(positions, numbers, charge, spin)
-        edge_i = edge_i.to(device)
-        edge_j = edge_j.to(device)
+        # The engine back-propagates to its own positions leaf: keep the graph.
+        positions, numbers, charge, spin = self._prepare_engine(
+            positions, numbers, charge, spin, False)
+        edge_i = edge_i.to(positions.device)
+        edge_j = edge_j.to(positions.device)
         local = edge_i < nlocal
         edge_i = edge_i[local]
         edge_j = edge_j[local]
-        zero_shift = torch.zeros((edge_i.shape[0], 3), dtype=dtype, device=device)
-        i, j, _ = self._engine_pairs(positions, edge_i, edge_j, zero_shift)
-        vec = positions.index_select(0, j) - positions.index_select(0, i)
-        if self.check_inputs:
-            self._check_pair_distances(vec, i, j)
-        row, slot, k_max = pairs_to_dense(i, nlocal)
-        far = torch.zeros(3, dtype=dtype, device=device)
-        far[0] = 2.0 * self.cutoff
-        nbr_vec = far.expand(nlocal, k_max, 3).clone().index_put((row, slot), vec)
-        nbr_index = torch.full((nlocal, k_max), n_total, dtype=torch.long, device=device)
-        nbr_index = nbr_index.index_put((row, slot), j)
+        zero_shift = torch.zeros((edge_i.shape[0], 3), dtype=positions.dtype,
+                                 device=positions.device)
+        i, j, shift = self._engine_pairs(positions, edge_i, edge_j, zero_shift)
+        nbr_index, nbr_vec = self._dense_neighbors(positions, i, j, shift, nlocal)
         edge, envelope = self.network.edge_features(nbr_vec)
         return nbr_index, edge, envelope
 
