@@ -553,6 +553,51 @@ def test_wrong_units_lammps(files, plugin, tmp_path, units):
     assert_lammps_error(out, rf"requires 'units metal'.*'units {units}'")
 
 
+# ============================================================================= 13. impossible electron count
+# One rule (the model's validate_electrons), the same words in every engine.
+WATER_DOUBLET = r"multiplicity 2 is impossible for 10 electrons \(charge 0, 3 atoms, total atomic number 10\)"
+
+
+@pytest.mark.parametrize("which", PY_ENTRY)
+@pytest.mark.parametrize("name, charge, spin, message", [
+    ("H2O", 0, 2, WATER_DOUBLET),
+    ("H2O", 1, 1, r"multiplicity 1 is impossible for 9 electrons.*odd electron count needs an even"),
+    ("H2O", 9, 4, r"multiplicity 4 needs 3 unpaired electrons but there are only 1 electrons"),
+    ("H2", 3, 2, r"charge 3 leaves a negative electron count \(charge 3, 2 atoms"),
+])
+def test_impossible_electron_count_python(files, which, name, charge, spin, message):
+    with pytest.raises(Exception, match=message):
+        _call(files, which, molecule(name), charge=charge, spin=spin)
+
+
+@pytest.mark.parametrize("which", PY_ENTRY)
+def test_possible_states_work_python(files, which):
+    e_singlet, _ = _call(files, which, molecule("H2O"), charge=0, spin=1)
+    e_cation, _ = _call(files, which, molecule("H2O"), charge=1, spin=2)
+    assert np.isfinite(e_singlet) and np.isfinite(e_cation) and e_singlet != e_cation
+
+
+def test_ase_calculator_rechecks_changed_spin(files):
+    """atoms.info is not part of ASE's state check: a changed multiplicity must not reuse the
+    cached energy of the old state (nor skip the electron-count rule)."""
+    atoms = molecule("H2O")
+    atoms.calc = TransIPCalculator(str(files["model"]))
+    e1 = atoms.get_potential_energy()
+    atoms.info["spin"] = 2
+    with pytest.raises(ValueError, match=WATER_DOUBLET):
+        atoms.get_potential_energy()
+    atoms.info["spin"], atoms.info["charge"] = 2, 1
+    assert atoms.get_potential_energy() != e1
+
+
+def test_impossible_electron_count_openmm(files):
+    pytest.importorskip("openmmtorch")
+    from transip_openmm import make_torch_force
+
+    with pytest.raises(ValueError, match=WATER_DOUBLET):
+        make_torch_force(str(files["model"]), ["O", "H", "H"], charge=0, multiplicity=2)
+
+
 # ============================================================================= 11. missing files
 @pytest.mark.parametrize("entry", ["load_exported", "ase", "openmm"])
 def test_missing_model_file_python(files, tmp_path, entry):

@@ -52,6 +52,14 @@ class TransIPCalculator(Calculator):
         spin = self.spin if self.spin is not None else atoms.info.get("spin", 1)
         return int(charge), int(spin)
 
+    def check_state(self, atoms, tol=1e-15):
+        # ASE compares positions, numbers, cell, ...; the electronic state lives in atoms.info,
+        # so a changed charge or multiplicity must also invalidate cached results.
+        changes = super().check_state(atoms, tol)
+        if self.atoms is not None and self._charge_spin(atoms) != self._charge_spin(self.atoms):
+            changes = list(changes) + ["charge_spin"]
+        return changes
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         charge, spin = self._charge_spin(self.atoms)

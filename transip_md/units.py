@@ -16,6 +16,8 @@ ANGSTROM_PER_NM = float(_ase_units.nm / _ase_units.Angstrom)
 KJ_PER_MOL_PER_EV = float(_ase_units.eV / (_ase_units.kJ / _ase_units.mol))
 #: 1 kcal/mol expressed in eV (LAMMPS ``units real``).
 EV_PER_KCAL_PER_MOL = float((_ase_units.kcal / _ase_units.mol) / _ase_units.eV)
+#: 1 eV expressed in kcal/mol (LAMMPS ``units real`` energies; the plugin reads it from the file).
+KCAL_PER_MOL_PER_EV = 1.0 / EV_PER_KCAL_PER_MOL
 #: 1 eV/Å^3 in GPa, for printing stresses.
 GPA_PER_EV_PER_A3 = float(1.0 / _ase_units.GPa)
 #: 1 meV in eV.

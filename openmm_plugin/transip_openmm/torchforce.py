@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -397,7 +398,7 @@ def _check_box(box_vectors, cutoff_a: float) -> None:
 
 
 def _validate_state(model, numbers: List[int], charge: int, multiplicity: int, dtype) -> None:
-    """Charge/multiplicity checks: the model's own ranges and electron-count parity."""
+    """Charge/multiplicity checks, by the model's own rules (ranges and electron count)."""
     n = len(numbers)
     spread = torch.zeros((n, 3), dtype=dtype)
     spread[:, 0] = torch.arange(n, dtype=dtype) * 10.0
@@ -408,16 +409,14 @@ def _validate_state(model, numbers: List[int], charge: int, multiplicity: int, d
             torch.tensor(int(charge), dtype=torch.long),
             torch.tensor(int(multiplicity), dtype=torch.long),
         )
+        if hasattr(model, "validate_electrons"):
+            model.validate_electrons(int(sum(numbers)), int(charge), int(multiplicity), n)
+        else:
+            warnings.warn("this model file predates the electron-count check; re-export it "
+                          "with python -m transip_md.export to have charge/multiplicity checked")
     except (torch.jit.Error, RuntimeError) as err:
         message = str(err).strip().splitlines()[-1]
         raise ValueError(message.split("ValueError: ", 1)[-1]) from None
-    electrons = sum(numbers) - int(charge)
-    if (electrons - (int(multiplicity) - 1)) % 2 != 0:
-        raise ValueError(
-            f"multiplicity {multiplicity} is impossible for {electrons} electrons (charge "
-            f"{charge}): an {'odd' if electrons % 2 else 'even'} electron count needs an "
-            f"{'even' if electrons % 2 else 'odd'} multiplicity"
-        )
 
 
 # ----------------------------------------------------------------------------- public API

@@ -90,6 +90,43 @@ class TransIPPotential(nn.Module):
             )
 
     @torch.jit.export
+    def validate_electrons(
+        self, total_atomic_number: int, charge: int, multiplicity: int, n_atoms: int
+    ) -> None:
+        """Raise a ValueError when ``charge`` and ``multiplicity`` are impossible for the system.
+
+        The one electron-count rule every engine applies (engines with domain decomposition
+        pass the sums over all ranks): electrons = sum(Z) - charge must be >= 0, and
+        multiplicity - 1 unpaired electrons must not exceed them and must share their parity.
+        """
+        electrons = total_atomic_number - charge
+        where = (" (charge " + str(charge) + ", " + str(n_atoms) + " atoms, total atomic number "
+                 + str(total_atomic_number) + ")")
+        if electrons < 0:
+            raise ValueError("charge " + str(charge) + " leaves a negative electron count" + where)
+        unpaired = multiplicity - 1
+        if unpaired > electrons:
+            raise ValueError(
+                "multiplicity " + str(multiplicity) + " needs " + str(unpaired)
+                + " unpaired electrons but there are only " + str(electrons) + " electrons" + where
+            )
+        if (electrons - unpaired) % 2 != 0:
+            odd = electrons % 2 == 1
+            raise ValueError(
+                "multiplicity " + str(multiplicity) + " is impossible for " + str(electrons)
+                + " electrons" + where + ": an " + ("odd" if odd else "even")
+                + " electron count needs an " + ("even" if odd else "odd") + " multiplicity"
+            )
+
+    def _validate_system(self, positions: Tensor, numbers: Tensor, charge: Tensor,
+                         spin: Tensor) -> None:
+        """Inputs of a whole system (not an engine's local + ghost slice): per-atom checks and
+        the electron count."""
+        self.validate(positions, numbers, charge, spin)
+        self.validate_electrons(int(numbers.sum()), int(charge.reshape(-1)[0]),
+                                int(spin.reshape(-1)[0]), int(numbers.shape[0]))
+
+    @torch.jit.export
     def element_list(self) -> List[str]:
         out: List[str] = []
         for z in range(1, self.max_atomic_number + 1):
@@ -289,7 +326,7 @@ class TransIPPotential(nn.Module):
             positions, numbers, cell, pbc, charge, spin)
         dtype = positions.dtype
         if self.check_inputs:
-            self.validate(positions, numbers, charge, spin)
+            self._validate_system(positions, numbers, charge, spin)
         periodic = bool(pbc.any())
         positions = positions.detach().requires_grad_(compute_forces)
         strain = torch.zeros((3, 3), dtype=dtype, device=positions.device)
@@ -338,7 +375,7 @@ class TransIPPotential(nn.Module):
             positions, numbers, cell, pbc, charge, spin)
         dtype = positions.dtype
         if self.check_inputs:
-            self.validate(positions, numbers, charge, spin)
+            self._validate_system(positions, numbers, charge, spin)
         strain = torch.zeros((3, 3), dtype=dtype, device=positions.device)
         energies, _ = self._system_energies(positions, numbers, cell, pbc, charge, spin, strain)
         return energies.sum()
