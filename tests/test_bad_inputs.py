@@ -435,11 +435,43 @@ def test_box_too_thin_python(files, which):
         _call(files, which, atoms)
 
 
-def test_box_too_small_openmm(files):
+def test_box_too_thin_openmm(files):
+    """One cell rule (the model's validate_cell): the same refusal as in Python."""
     pytest.importorskip("openmmtorch")
-    atoms = Atoms("O", positions=[[0.1, 0.1, 0.1]])
-    with pytest.raises(ValueError, match=r"box is too small.*0\.05, 0\.05, 0\.05 nm.*cutoff is 0\.4 nm"):
-        _openmm_energy(files["model"], atoms, box_nm=np.eye(3) * 0.05)
+    atoms = Atoms("O", positions=[[0.001, 0.01, 0.01]])
+    with pytest.raises(ValueError, match=r"too thin along axis 0 .*cutoff of 4\.0? Å.*64 periodic "
+                                         r"images per axis.*units"):
+        _openmm_energy(files["model"], atoms, box_nm=np.diag([0.005, 0.8, 0.8]))
+
+
+def test_box_thinner_than_cutoff_openmm_equals_python(files):
+    """A box narrower than the cutoff is physics (more images), not an error, in every engine
+    that builds its own images: OpenMM equals the Python model."""
+    pytest.importorskip("openmmtorch")
+    from transip_md.units import KJ_PER_MOL_PER_EV
+
+    atoms = Atoms("OH", positions=[[0.1, 0.1, 0.1], [1.0, 0.4, 0.2]], cell=[3.0, 3.2, 3.4], pbc=True)
+    e_py, f_py = _call(files, "exported", atoms, spin=2)
+    atoms.info["spin"] = 2
+    import openmm
+    import openmm.unit as u
+
+    from transip_openmm import make_torch_force, topology_from_ase
+
+    topology, _ = topology_from_ase(atoms, infer_bonds=False)
+    box = [openmm.Vec3(*(row / 10.0)) for row in atoms.cell.array]
+    force = make_torch_force(str(files["model"]), topology, multiplicity=2, periodic=True,
+                             box_vectors=box)
+    system = openmm.System()
+    for a in atoms:
+        system.addParticle(a.mass)
+    system.setDefaultPeriodicBoxVectors(*box)
+    system.addForce(force)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001),
+                             openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions([openmm.Vec3(*(p / 10.0)) for p in atoms.positions] * u.nanometer)
+    e_mm = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
+    assert abs(e_mm / KJ_PER_MOL_PER_EV - e_py) <= 1e-9 * abs(e_py)
 
 
 def test_box_too_small_lammps_fails_cleanly(files, plugin, tmp_path):
@@ -476,7 +508,8 @@ def test_zero_box_openmm(files):
     from transip_openmm import make_torch_force, topology_from_ase
 
     topology, _ = topology_from_ase(molecule("H2O"))
-    with pytest.raises(ValueError, match=r"box is too small.*0, 0, 0 nm"):
+    # the model's cell rule, the same words as the Python entry points
+    with pytest.raises(ValueError, match=r"cell vector 0 has zero length"):
         make_torch_force(str(files["model"]), topology, box_vectors=np.zeros((3, 3)))
 
 

@@ -34,6 +34,7 @@ from ase.data import atomic_numbers as _ASE_ATOMIC_NUMBERS
 from ase.data import chemical_symbols as _ASE_SYMBOLS
 from torch import Tensor, nn
 
+from transip_md.model_errors import ScriptError, translate_model_error
 from transip_md.units import ANGSTROM_PER_NM, KJ_PER_MOL_PER_EV
 
 #: Names of the optional OpenMM global parameters (``global_parameters=True``).
@@ -385,16 +386,16 @@ def box_widths_nm(box_vectors) -> np.ndarray:
         return np.where(areas > 0, volume / areas, 0.0)
 
 
-def _check_box(box_vectors, cutoff_a: float) -> None:
-    widths = box_widths_nm(box_vectors)
-    cutoff_nm = cutoff_a / ANGSTROM_PER_NM
-    if float(widths.min()) < cutoff_nm:
-        raise ValueError(
-            "periodic box is too small for this TransIP model: its perpendicular widths are "
-            + ", ".join(f"{w:.4g}" for w in widths)
-            + f" nm but the model cutoff is {cutoff_nm:.4g} nm; boxes at least one cutoff wide "
-            "are supported (check that the box is given in nm)"
-        )
+def _check_box(model, box_vectors) -> None:
+    """The model's own cell rule (the same in every engine); files without it check at the
+    first evaluation."""
+    if not hasattr(model, "validate_cell"):
+        return
+    cell = torch.tensor(_box_vectors_nm(box_vectors) * ANGSTROM_PER_NM, dtype=torch.float64)
+    try:
+        model.validate_cell(cell, torch.ones(3, dtype=torch.bool))
+    except ScriptError as err:
+        raise translate_model_error(err) from None
 
 
 def _validate_state(model, numbers: List[int], charge: int, multiplicity: int, dtype) -> None:
@@ -414,9 +415,8 @@ def _validate_state(model, numbers: List[int], charge: int, multiplicity: int, d
         else:
             warnings.warn("this model file predates the electron-count check; re-export it "
                           "with python -m transip_md.export to have charge/multiplicity checked")
-    except (torch.jit.Error, RuntimeError) as err:
-        message = str(err).strip().splitlines()[-1]
-        raise ValueError(message.split("ValueError: ", 1)[-1]) from None
+    except ScriptError as err:
+        raise translate_model_error(err) from None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -554,7 +554,7 @@ def make_torch_force(
         periodic = box_vectors is not None
     periodic = bool(periodic)
     if periodic and box_vectors is not None:
-        _check_box(box_vectors, float(model.cutoff))
+        _check_box(model, box_vectors)
 
     if global_parameters and scale_parameter is not None:
         raise ValueError("global_parameters and scale_parameter cannot be combined")

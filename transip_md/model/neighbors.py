@@ -25,6 +25,9 @@ from torch import Tensor
 #   cell list;  chunk: central atoms per cell-list chunk (bounds temporary memory);
 # max_images: a cell needing more periodic images than this along an axis is a unit mistake.
 
+#: The one limit on thin periodic cells, for every engine (declared in the exported file).
+MAX_IMAGES = 64
+
 
 def cell_heights(cell: Tensor) -> Tensor:
     """Distances between opposite faces of the cell (Å), one per lattice vector."""
@@ -39,7 +42,7 @@ def cell_heights(cell: Tensor) -> Tensor:
     return volume / torch.linalg.norm(cross, dim=1)
 
 
-def _check_cell(cell: Tensor, pbc: Tensor, cutoff: float, max_images: int = 64) -> Tensor:
+def _check_cell(cell: Tensor, pbc: Tensor, cutoff: float, max_images: int = MAX_IMAGES) -> Tensor:
     """Validate the periodic cell and return the number of images needed per axis."""
     n_images = torch.zeros(3, dtype=torch.long)
     if not bool(pbc.any()):
@@ -68,7 +71,8 @@ def _check_cell(cell: Tensor, pbc: Tensor, cutoff: float, max_images: int = 64) 
                     + str(float(heights[a]))
                     + " Å between faces for a cutoff of "
                     + str(cutoff)
-                    + " Å); check the box units"
+                    + " Å, more than " + str(max_images)
+                    + " periodic images per axis); check the box size and units"
                 )
             n_images[a] = n
     return n_images
@@ -233,9 +237,3 @@ def pairs_to_dense(i: Tensor, n_atoms: int) -> Tuple[Tensor, Tensor, int]:
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(i.shape[0], device=i.device) - starts[i]
     return i, slot, k_max
-
-
-def sort_pairs(i: Tensor, j: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Sort an engine-provided pair list by centre atom; returns (i, j, permutation)."""
-    perm = torch.argsort(i, stable=True)
-    return i[perm], j[perm], perm
