@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from water_box import water_box  # noqa: E402
+from transip_md.systems import water_box  # noqa: E402
 
 from transip_md.export import export_potential, load_exported  # noqa: E402
 from transip_md.model import TransIPPotential, named_config  # noqa: E402

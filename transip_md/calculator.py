@@ -74,6 +74,10 @@ class TransIPCalculator(Calculator):
                 torch.tensor(charge), torch.tensor(spin),
                 True, want_stress,
             )
+            # after compute: geometry mistakes (the common ones) are reported first
+            if hasattr(self.model, "validate_electrons"):  # files of format >= 3
+                self.model.validate_electrons(int(self.atoms.numbers.sum()), charge, spin,
+                                              len(self.atoms))
         except ScriptError as exc:
             raise translate_model_error(exc) from None
         energy = float(out["energy"])

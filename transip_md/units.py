@@ -6,10 +6,6 @@ works in eV and Å; engines convert on the way in and out with these factors onl
 
 from ase import units as _ase_units
 
-#: Model length unit and energy unit.
-LENGTH_UNIT = "angstrom"
-ENERGY_UNIT = "eV"
-
 #: 1 nm expressed in Å.
 ANGSTROM_PER_NM = float(_ase_units.nm / _ase_units.Angstrom)
 #: 1 eV expressed in kJ/mol.
@@ -18,7 +14,5 @@ KJ_PER_MOL_PER_EV = float(_ase_units.eV / (_ase_units.kJ / _ase_units.mol))
 EV_PER_KCAL_PER_MOL = float((_ase_units.kcal / _ase_units.mol) / _ase_units.eV)
 #: 1 eV expressed in kcal/mol (LAMMPS ``units real`` energies; the plugin reads it from the file).
 KCAL_PER_MOL_PER_EV = 1.0 / EV_PER_KCAL_PER_MOL
-#: 1 eV/Å^3 in GPa, for printing stresses.
-GPA_PER_EV_PER_A3 = float(1.0 / _ase_units.GPa)
-#: 1 meV in eV.
+#: meV in 1 eV.
 MEV_PER_EV = 1000.0

@@ -61,7 +61,7 @@ class TransIPPotential(InputChecks, LowMemoryGradients, StaticShapeEnergy, Engin
         # Engine-facing metadata; the exporter fills these before scripting (see
         # export/CONTRACT.md). format_version 0 means "not an exported file".
         self.format_version = 0
-        self.receptive_field = float(cfg.layers * cfg.cutoff)
+        self.receptive_field = float(cfg.receptive_field)
         self.metadata_json = "{}"
         self.max_atomic_number = MAX_ATOMIC_NUMBER
         self.max_abs_charge = MAX_ABS_CHARGE
@@ -210,8 +210,6 @@ class TransIPPotential(InputChecks, LowMemoryGradients, StaticShapeEnergy, Engin
             energies, _ = self._system_energies(positions, numbers, cell, pbc, charge, spin, strain)
             if len(inputs) > 0:
                 grads = torch.autograd.grad([energies.sum()], inputs, allow_unused=True)
-        if self.check_inputs:
-            self._validate_state(numbers, charge, spin)
         energy = energies.sum()
         out: Dict[str, Tensor] = {"energy": energy.detach(), "energies": energies.detach()}
         if len(inputs) > 0:
@@ -246,8 +244,6 @@ class TransIPPotential(InputChecks, LowMemoryGradients, StaticShapeEnergy, Engin
             self._validate_system(positions, numbers, cell, pbc, charge, spin)
         strain = torch.zeros((3, 3), dtype=dtype, device=positions.device)
         energies, _ = self._system_energies(positions, numbers, cell, pbc, charge, spin, strain)
-        if self.check_inputs:
-            self._validate_state(numbers, charge, spin)
         return energies.sum()
 
     @entry_point(1, "Dict[str, Tensor]: compute() with forces and stress")

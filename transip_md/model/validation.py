@@ -99,14 +99,12 @@ class InputChecks:
     def _validate_system(self, positions: Tensor, numbers: Tensor, cell: Tensor, pbc: Tensor,
                          charge: Tensor, spin: Tensor) -> None:
         """Per-atom checks and the cell of a whole system (not an engine's local + ghost slice).
-        The electron count is :meth:`_validate_state`, called after the neighbour search so that
-        geometry mistakes (overlapping atoms), the common ones, are reported first."""
+
+        The electron count (:meth:`validate_electrons`) is not checked per evaluation: engines
+        call it once per system (ASE per calculation, OpenMM when the force is built, LAMMPS at
+        setup with sums over all ranks), so training on arbitrary labelled data is unaffected."""
         self.validate(positions, numbers, charge, spin)
         self.validate_cell(cell, pbc)
-
-    def _validate_state(self, numbers: Tensor, charge: Tensor, spin: Tensor) -> None:
-        self.validate_electrons(int(numbers.sum()), int(charge.reshape(-1)[0]),
-                                int(spin.reshape(-1)[0]), int(numbers.shape[0]))
 
 
     def _check_pair_distances(self, vec: Tensor, i: Tensor, j: Tensor) -> None:
