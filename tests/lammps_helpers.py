@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
+import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -47,21 +48,54 @@ def _format_one_class():
     return FormatOnePotential
 
 
+def _drop_electron_check(path: Path) -> None:
+    """Turn an exported file into one as made before ``validate_electrons`` existed: the method
+    (and the model's own calls to it) renamed in the archive's TorchScript code, to a name of
+    the same length so that the debug source ranges stay valid. Engines then find no
+    ``validate_electrons``; everything else is the exporter's file."""
+    old, new = b"validate_electrons", b"xalidate_electrons"
+    tmp = Path(str(path) + ".tmp")
+    renamed = 0
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(tmp, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if "/code/" in info.filename:
+                renamed += data.count(old)
+                data = data.replace(old, new)
+            zout.writestr(info, data, compress_type=info.compress_type)
+    assert renamed > 0, f"{path} has no {old.decode()} to drop"
+    tmp.replace(path)
+
+
 def make_model_file(path: Path, dtype: torch.dtype = torch.float64, seed: int = 0,
                     elements: Sequence[str] = ("H", "O"), format_version: int = 2,
-                    size: str = "tiny") -> Path:
+                    size: str = "tiny", metadata_json: Optional[str] = None,
+                    electron_check: bool = True) -> Path:
     """THE one place that writes the TorchScript file the tests load (random ``tiny`` model:
-    2 layers x 4 Å cutoff = 8 Å receptive field). Switch to ``transip_md.export`` here.
-    ``format_version=1`` writes a file as format 1 did (no halo entry points)."""
+    2 layers x 4 Å cutoff = 8 Å receptive field). Format-2 files are written by the exporter
+    (``transip_md.export.export_potential``: the metadata record with the unit table in
+    ``metadata_json``, as users get them). Scripted by hand instead: ``format_version=1``
+    (a file as format 1 wrote it, no halo entry points), ``format_version=0`` (scripted but not
+    exported) and ``metadata_json`` (this record instead of the exporter's, e.g. one without
+    ``units.lammps_real``). ``electron_check=False``: the exporter's file without
+    ``validate_electrons`` (see _drop_electron_check)."""
     from ase.data import atomic_numbers
 
+    from transip_md.export import export_potential
     from transip_md.model import TransIPPotential, named_config
 
     torch.manual_seed(seed)
     cls = _format_one_class() if format_version == 1 else TransIPPotential
     model = cls(named_config(size)).to(dtype)
     model.supported_elements[[atomic_numbers[s] for s in elements]] = True
+    if format_version == 2 and metadata_json is None:
+        export_potential(model, path, dtype=str(dtype).removeprefix("torch."))
+        if not electron_check:
+            _drop_electron_check(Path(path))
+        return Path(path)
     model.format_version = format_version
+    if metadata_json is not None:
+        model.metadata_json = metadata_json
     torch.jit.save(torch.jit.script(model), str(path))
     return Path(path)
 

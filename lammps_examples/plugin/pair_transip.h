@@ -6,11 +6,13 @@
 
    Usage:
      plugin     load /path/to/transipplugin.so
-     units      metal
+     units      metal                               (or real: kcal/mol, converted
+                                                     at the plugin boundary)
      newton     on                                  (the default)
      pair_style transip [device cpu|cuda] [charge Q] [multiplicity M]
                         [ghosts auto|map|halo|shell] [prune yes|no]
                         [recompute yes|no] [jit_optimize yes|no]
+                        [check_masses yes|no]
      pair_coeff * * model.pt O H                    (one element symbol per
                                                      atom type, NULL = skip)
 ------------------------------------------------------------------------- */
@@ -67,6 +69,13 @@ class PairTransIP : public Pair {
   int64_t feature_width;         // W, features per atom exchanged between layers
   double cutghost_before;        // comm->cutghostuser before shell mode raised it
   double cutghost_raised;        // the value shell mode set (0: none)
+  bool check_masses;             // warn when a type's mass is not its element's
+
+  // ---- units: the model works in eV and Å; LAMMPS energies are eV (metal) or kcal/mol (real).
+  // Energies, forces and the virial are multiplied by energy_unit on the way out, nothing else.
+  double energy_unit;            // LAMMPS energy unit per eV (1 for metal)
+  double kcal_per_mol_per_ev;    // from the model file's metadata (0: not there)
+  std::string kcal_source;       // which metadata entry it came from
 
   // ---- model (valid after pair_coeff)
   std::unique_ptr<torch::jit::Module> model;
@@ -78,6 +87,9 @@ class PairTransIP : public Pair {
   int64_t num_layers;
   int64_t format_version;
   std::vector<std::string> model_elements;
+  bool has_electron_check;         // the model file provides validate_electrons()
+  bool electron_warning_given;     // the "predates the electron-count check" warning
+  std::vector<std::string> mass_warnings_given;    // each one once
 
   // ---- type map: LAMMPS type (1..ntypes) -> atomic number, 0 for NULL
   std::vector<int64_t> type_to_z;
@@ -133,6 +145,13 @@ class PairTransIP : public Pair {
   torch::Tensor ghost_rows_to_device();
   torch::Tensor return_ghost_gradients(const torch::Tensor &g_h);
   void check_box();
+  void check_units_style(const char *where);
+  void read_unit_conversion();
+  void set_energy_unit();
+  void check_type_masses();
+  void check_electron_count();
+  std::string model_refusal(const std::string &method, std::vector<c10::IValue> args);
+  std::string archive_problem(const std::string &path);
   void allocate();
   void load_model(const std::string &path);
   void select_device();
