@@ -161,6 +161,125 @@ def test_ase_calculator_properties_and_errors(exported_tiny64):
     ion = molecule("H2O")
     ion.calc = calc
     e_neutral = ion.get_potential_energy()
-    ion.info["charge"] = 1
+    ion.info["charge"], ion.info["spin"] = 1, 2  # H2O+: 9 electrons, a doublet
     ion.calc = TransIPCalculator(str(exported_tiny64))
     assert abs(ion.get_potential_energy() - e_neutral) > 1e-6
+
+
+# ----------------------------------------------------------------------------- file kinds (issue #14)
+class _Opaque:
+    """Pickled by torch.save into a file that a safe (weights_only) load refuses."""
+
+
+def test_sniff_tells_every_kind_apart(tmp_path, exported_tiny64):
+    from transip_md import file_kinds
+    from transip_md.checkpoint import CHECKPOINT_KIND
+    from transip_md.export.model_file import METADATA_NAME, MODEL_KIND
+
+    assert (file_kinds.EXPORTED_KIND, file_kinds.CHECKPOINT_KIND, file_kinds.METADATA_NAME) == (
+        MODEL_KIND, CHECKPOINT_KIND, METADATA_NAME)
+    save_checkpoint(tmp_path / "ckpt.pt", make_potential(), named_config("tiny"))
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "state.pt")
+    torch.jit.save(torch.jit.script(make_potential()), str(tmp_path / "script.pt"))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "trunc.pt").write_bytes(exported_tiny64.read_bytes()[:3000])
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "plain.zip", "w") as archive:
+        archive.writestr("readme.txt", "hi")
+    expected = {
+        exported_tiny64: "exported", tmp_path / "ckpt.pt": "checkpoint",
+        tmp_path / "state.pt": "torch-save", tmp_path / "script.pt": "torchscript",
+        tmp_path / "empty.pt": "empty", tmp_path / "notes.txt": "not-zip",
+        tmp_path / "trunc.pt": "not-zip", tmp_path / "plain.zip": "zip",
+        tmp_path / "nope.pt": "missing", tmp_path: "directory",
+    }
+    for path, kind in expected.items():
+        assert file_kinds.sniff(path) == kind, path
+
+
+def test_load_checkpoint_names_an_exported_file_and_never_advises_unsafe_loading(tmp_path, exported_tiny64):
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(exported_tiny64)
+    message = str(info.value)
+    assert "is an exported transip-md model, not a training checkpoint" in message
+    assert "evaluate" in message and "weights_only" not in message
+    torch.save({"kind": "transip-md-checkpoint", "x": _Opaque()}, tmp_path / "unsafe.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "unsafe.pt")
+    message = str(info.value)
+    assert "pickled Python objects" in message and "_Opaque" in message
+    assert "weights_only" not in message and "arbitrary code" not in message
+
+
+def test_run_cli_scrubs_unsafe_load_advice(capsys):
+    from transip_md.cli import run_cli
+
+    def main(argv):
+        raise RuntimeError("Weights only load failed.\n(1) Re-running `torch.load` with `weights_only` "
+                           "set to `False` will likely succeed\nCheck the docs for weights_only")
+
+    assert run_cli(main) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "weights_only" not in err
+
+
+def _checkpoint_and_export(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(ckpt, make_potential(), named_config("tiny"))
+    model = tmp_path / "m.pt"
+    export_checkpoint(ckpt, model, dtype="float64")
+    return ckpt, model
+
+
+def test_export_checkpoint_output_rule(tmp_path):
+    ckpt, model = _checkpoint_and_export(tmp_path)
+    before = model.read_bytes()
+    with pytest.raises(ModelFileError, match="use --force to replace it"):
+        export_checkpoint(ckpt, model, dtype="float32", replace_export=False)
+    assert model.read_bytes() == before
+    export_checkpoint(ckpt, model, dtype="float32")  # the Python default replaces an export
+    assert read_metadata(model)["dtype"] == "float32"
+    ckpt_bytes = ckpt.read_bytes()
+    with pytest.raises(ModelFileError, match=r"ckpt\.pt is a transip-md training checkpoint.*Did you mean"):
+        export_checkpoint(ckpt, ckpt)
+    assert ckpt.read_bytes() == ckpt_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "m.pt"]
+
+
+def test_failed_fidelity_check_keeps_the_existing_file(tmp_path, monkeypatch):
+    from transip_md.export import checkpoint_export
+
+    ckpt, model = _checkpoint_and_export(tmp_path)
+    before = model.read_bytes()
+    monkeypatch.setitem(checkpoint_export.FIDELITY_RTOL, "float32", -1.0)  # every check fails
+    with pytest.raises(ModelFileError, match=r"disagrees with the eager model.*m\.pt was not written or changed"):
+        export_checkpoint(ckpt, model, dtype="float32")
+    assert model.read_bytes() == before
+    with pytest.raises(ModelFileError):
+        export_checkpoint(ckpt, tmp_path / "new.pt", dtype="float32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "m.pt"]  # no temporaries
+
+
+def test_evaluate_exported_file_matches_its_checkpoint(tmp_path):
+    from ase.calculators.emt import EMT
+
+    from conftest import emt_frames
+    from transip_md.data import frame_from_atoms, write_frames
+    from transip_md.evaluate import evaluate
+
+    box = water_box(8, seed=4, triclinic=True)
+    box.calc = EMT()
+    box.get_potential_energy()
+    box.info.update(charge=0, spin=1, source="emt:waterbox")
+    data = tmp_path / "data.extxyz"
+    write_frames(emt_frames(6) + [frame_from_atoms(box)], data)
+    ckpt, model = _checkpoint_and_export(tmp_path)  # float64
+    a = evaluate(str(ckpt), str(data), rotations=2)
+    b = evaluate(str(model), str(data), rotations=2)
+    assert (a["model_kind"], b["model_kind"]) == ("checkpoint", "exported")
+    for key in ("energy_mae_mev_per_atom", "force_mae_mev_per_A"):
+        assert abs(a[key] - b[key]) < 1e-8, (key, a[key], b[key])
+    assert a["per_source"].keys() == b["per_source"].keys() and b["frames"] == 7
+    for key in ("energy_mev_per_atom", "force_relative"):
+        assert abs(a["equivariance_error"][key] - b["equivariance_error"][key]) < 1e-6

@@ -2,11 +2,12 @@
 
 A checkpoint is a plain dictionary of tensors, numbers, strings, lists and dicts, so it loads
 with ``torch.load(weights_only=True)`` (no pickled code runs). It carries its own format
-version; a reader refuses versions newer than it understands instead of guessing.
+version; a reader refuses versions newer than it understands instead of guessing. Before
+loading, the file's kind is sniffed (:mod:`transip_md.file_kinds`), so an exported model or
+another file given by mistake is named for what it is.
 """
 
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -14,11 +15,12 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from . import __version__
+from . import file_kinds
 from .atomic_io import atomic_output
 from .model.config import ModelConfig
 from .model.potential import TransIPPotential
 
-CHECKPOINT_KIND = "transip-md-checkpoint"
+CHECKPOINT_KIND = file_kinds.CHECKPOINT_KIND  # "transip-md-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 
 PathLike = Union[str, os.PathLike]
@@ -72,22 +74,35 @@ def save_checkpoint(
     atomic_torch_save(payload, path)
 
 
+def wrong_kind_message(path: PathLike, kind: str) -> str:
+    """Why a file of ``kind`` (see :func:`file_kinds.sniff`) is not a checkpoint, and what to do."""
+    if kind == file_kinds.EXPORTED:
+        meta = file_kinds.exported_metadata(path) or {}
+        source = meta.get("source_checkpoint")
+        origin = f" ({source}, per its metadata)" if source else ""
+        return (f"{path} is an exported transip-md model, not a training checkpoint; evaluate and "
+                f"the engines (ASE, OpenMM, LAMMPS) take it directly, while export and resuming "
+                f"training need the checkpoint it was exported from{origin}")
+    if kind == file_kinds.DIRECTORY:
+        return f"{path} is a directory, not a checkpoint file"
+    if kind == file_kinds.NOT_ZIP:
+        return f"{path} is not a transip-md checkpoint (not a torch zip archive; truncated or corrupt?)"
+    return f"{path} is not a transip-md checkpoint: it is {file_kinds.describe(kind)}"
+
+
 def load_checkpoint(path: PathLike, map_location: str = "cpu") -> Checkpoint:
     """Load and validate a checkpoint; every failure names the file and the problem."""
     path = Path(path)
-    if not path.exists():
+    kind = file_kinds.sniff(path)
+    if kind == file_kinds.MISSING:
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{path} is not a transip-md checkpoint (not a torch zip archive; truncated or corrupt?)"
-        )
+    if kind not in (file_kinds.CHECKPOINT, file_kinds.TORCH_SAVE):
+        raise CheckpointError(wrong_kind_message(path, kind))
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe content
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} could not be read as a checkpoint: {first}") from None
+        raise CheckpointError(
+            f"{path} could not be read as a checkpoint: {file_kinds.safe_error_text(exc)}") from None
     if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
         hint = ""
         if isinstance(payload, dict) and "state_dict" not in payload and all(

@@ -1,6 +1,7 @@
-"""Evaluate a checkpoint on labelled frames.
+"""Evaluate a checkpoint or an exported model file on labelled frames.
 
   python -m transip_md.evaluate runs/s/ckpt.pt data/test.extxyz --json runs/s/test.json
+  python -m transip_md.evaluate model.pt data/test.extxyz     # the exported file engines run
 
 Prints energy MAE (meV/atom), force MAE (meV/Å), the equivariance error over random rotations
 and a per-source breakdown; ``--json`` writes the same numbers (atomically).
@@ -9,21 +10,58 @@ and a per-source breakdown; ``--json`` writes the same numbers (atomically).
 import argparse
 import json
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from . import file_kinds
 from .atomic_io import atomic_output, check_output_path
+from .batch import Batch
 from .checkpoint import load_checkpoint
 from .cli import run_cli
 from .data import read_frames
 from .metrics import accuracy, equivariance_error
 
 
+class ExportedModel:
+    """An exported file seen through what metrics.py uses: ``network`` (its parameters' device
+    and dtype), ``cutoff``, ``supported_elements`` and ``predict_batch``, which evaluates each
+    system of a batch through the file's scripted ``compute`` entry point, as engines do."""
+
+    def __init__(self, module: torch.jit.ScriptModule):
+        self.module = module
+        self.network = module.network
+        self.cutoff = float(module.cutoff)
+        self.supported_elements = module.supported_elements
+
+    def predict_batch(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        energies, forces = [], []
+        start = 0
+        for b, n in enumerate(batch.n_atoms.tolist()):
+            atoms = slice(start, start + n)
+            out = self.module.compute(batch.positions[atoms], batch.numbers[atoms], batch.cell[b],
+                                      batch.pbc[b], batch.charge[b], batch.spin[b], True, False)
+            energies.append(out["energy"])
+            forces.append(out["forces"])
+            start += n
+        return torch.stack(energies), torch.cat(forces)
+
+
+def load_model(path: str, device: str = "cpu") -> Tuple[Any, str, Optional[str]]:
+    """(model for metrics.py, file kind, training mode) of a checkpoint or exported file."""
+    if file_kinds.sniff(path) == file_kinds.EXPORTED:
+        from .export import load_exported, read_metadata
+
+        mode = (read_metadata(path).get("training") or {}).get("mode")
+        return ExportedModel(load_exported(path, device=device, needs=("compute",), who="evaluate")), "exported", mode
+    ckpt = load_checkpoint(path, map_location=device)  # names any other kind of file
+    return ckpt.potential.to(device), "checkpoint", ckpt.training.get("mode")
+
+
 def evaluate(ckpt_path: str, data_path: str, rotations: int = 8, device: str = "cpu",
              max_eq_frames: int = 64) -> Dict[str, Any]:
-    ckpt = load_checkpoint(ckpt_path, map_location=device)
-    model = ckpt.potential.to(device)
+    """Accuracy and equivariance of a checkpoint or exported model file on ``data_path``."""
+    model, kind, mode = load_model(ckpt_path, device)
     frames = read_frames(data_path)
     if not frames:
         raise ValueError(f"{data_path} contains no frames")
@@ -35,8 +73,8 @@ def evaluate(ckpt_path: str, data_path: str, rotations: int = 8, device: str = "
                          + ", ".join(chemical_symbols[z] for z in unknown))
     acc = accuracy(model, frames)
     eq = equivariance_error(model, frames, n_rotations=rotations, max_frames=max_eq_frames)
-    return {"checkpoint": str(ckpt_path), "data": str(data_path), **acc, "equivariance_error": eq,
-            "training_mode": ckpt.training.get("mode")}
+    return {"checkpoint": str(ckpt_path), "model_kind": kind, "data": str(data_path), **acc,
+            "equivariance_error": eq, "training_mode": mode}
 
 
 def print_report(result: Dict[str, Any]) -> None:
@@ -59,7 +97,7 @@ def write_json_atomic(data: Dict[str, Any], path: str) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m transip_md.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a training checkpoint (ckpt.pt) or an exported model file")
     p.add_argument("data", help="labelled frames (.extxyz, .db, .aselmdb)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--rotations", type=int, default=8)

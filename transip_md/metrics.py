@@ -18,6 +18,16 @@ def _device_dtype(potential: TransIPPotential):
     return p.device, p.dtype
 
 
+def _predict(potential, batch):
+    """Energies [B] and forces [N, 3] of a batch. A model without the eager batched path (an
+    exported file behind evaluate's adapter) provides ``predict_batch(batch)`` instead."""
+    predict_batch = getattr(potential, "predict_batch", None)
+    if predict_batch is not None:
+        return predict_batch(batch)
+    energy, forces, _ = predict(potential, batch)
+    return energy, forces
+
+
 def accuracy(
     potential: TransIPPotential, frames: Sequence[Frame], batch_atoms: int = 2048
 ) -> Dict[str, object]:
@@ -27,7 +37,7 @@ def accuracy(
     f_err: Dict[str, List[float]] = defaultdict(list)
     for frames_b in batches_by_atoms(list(frames), batch_atoms, shuffle=False, seed=0):
         batch = collate(frames_b, dtype, device, potential.cutoff)
-        energy, forces, _ = predict(potential, batch)
+        energy, forces = _predict(potential, batch)
         energy = energy.detach().cpu().numpy()
         forces = forces.detach().cpu().numpy()
         starts = np.concatenate([[0], np.cumsum(batch.n_atoms.cpu().numpy())])
@@ -73,12 +83,12 @@ def equivariance_error(
     f_rel: List[float] = []
     for frames_b in batches_by_atoms(frames, batch_atoms, shuffle=False, seed=0):
         batch = collate(frames_b, dtype, device, potential.cutoff)
-        e0, f0, _ = predict(potential, batch)
+        e0, f0 = _predict(potential, batch)
         e0, f0 = e0.detach(), f0.detach()
         for _ in range(n_rotations):
             rot = make_rotations(batch.n_systems, gen, dtype, device)
             rb = rotate_batch(batch, rot)
-            e1, f1, _ = predict(potential, rb)
+            e1, f1 = _predict(potential, rb)
             f0_rot = torch.einsum("nij,nj->ni", rot[batch.system], f0)
             de = (e1.detach() - e0).abs() / batch.n_atoms
             num = torch.zeros(batch.n_systems, dtype=dtype, device=device).index_add(

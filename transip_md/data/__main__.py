@@ -1,4 +1,4 @@
-"""Command line for the data layer: ``python -m transip_md.data {generate,split,info}``.
+"""Command line for the data layer: ``python -m transip_md.data {generate,split,info,recipes}``.
 
 Every failure is reported as one ``error: ...`` line on stderr with exit status 2 (no
 traceback), and commands either write all their outputs or none of them.
@@ -89,12 +89,22 @@ def _cmd_info(args) -> None:
         print(f"  {count:6d}  {source}")
 
 
+def _cmd_recipes(args) -> None:
+    from .recipes import recipe_summaries
+
+    summaries = recipe_summaries()
+    width = max(len(name) for name in summaries)
+    for name, summary in summaries.items():
+        print(f"{name:<{width}}  {summary}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m transip_md.data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate xTB reference data from a recipe")
-    gen.add_argument("--recipe", required=True, help="recipe name, e.g. organics-xtb or tiny-xtb")
+    gen.add_argument("--recipe", required=True,
+                     help="recipe name, e.g. organics-xtb or tiny-xtb (list them: recipes)")
     gen.add_argument("--n", type=int, required=True, help="number of configurations")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", required=True, help="output .extxyz path")
@@ -117,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="summarise a data file")
     info.add_argument("file")
     info.set_defaults(func=_cmd_info)
+
+    recipes = sub.add_parser("recipes", help="list the data recipes that generate --recipe takes")
+    recipes.set_defaults(func=_cmd_recipes)
     return parser
 
 

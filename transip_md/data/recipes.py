@@ -58,6 +58,16 @@ def get_recipe(name: str) -> RecipeFn:
         ) from None
 
 
+def recipe_summaries() -> dict[str, str]:
+    """Every registered recipe's name and the first line of its docstring, sorted by name."""
+    return {name: _first_line(RECIPES[name].__doc__) for name in sorted(RECIPES)}
+
+
+def _first_line(doc: str | None) -> str:
+    lines = [line.strip() for line in (doc or "").strip().splitlines()]
+    return lines[0] if lines and lines[0] else "(no description)"
+
+
 def system_kind(label: str) -> str:
     """``"g2:CH4"`` -> ``"g2"``, ``"water5"`` -> ``"water"``, ``"ion:OH-"`` -> ``"ion"``."""
     return label.split(":", 1)[0] if ":" in label else label.rstrip("0123456789")

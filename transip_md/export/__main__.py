@@ -1,19 +1,28 @@
-"""Export a TransIP checkpoint to one self-contained TorchScript file.
+"""Export a TransIP training checkpoint to one self-contained TorchScript file.
 
   python -m transip_md.export runs/s/ckpt.pt model.pt            # float32 (default)
   python -m transip_md.export runs/s/ckpt.pt model64.pt --dtype float64
-  python -m transip_md.export model.pt                            # the shipped default model
+  python -m transip_md.export model.pt                            # the shipped model transip-demo
   python -m transip_md.export transip-demo model.pt               # the same, by name
+  python -m transip_md.export runs/s/ckpt.pt model.pt --force     # replace a previous export
   python -m transip_md.export --info model.pt                     # print metadata, run nothing
+
+The output is always the LAST path. Export writes only new files or previous exports: an
+existing exported transip-md model is replaced only with --force, and anything else (a
+training checkpoint, data, a text file) is never written over, --force or not. The new file is
+written beside the output, checked against the eager model, and only then renamed into place,
+so a failed check leaves an existing file as it was.
 """
 
 import argparse
 import json
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import List, Optional, Tuple
 
 from ..cli import run_cli
-from .checkpoint_export import DEFAULT_MODEL_NAME, export_checkpoint, resolve_checkpoint
+from .checkpoint_export import (DEFAULT_MODEL_NAME, check_export_target, export_checkpoint,
+                                resolve_checkpoint)
 from .model_file import read_metadata
 
 
@@ -24,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"[CHECKPOINT] OUTPUT (checkpoint defaults to the shipped '{DEFAULT_MODEL_NAME}'), "
                         "or with --info one exported file")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUTPUT if it is a previous export (nothing else is ever replaced)")
     p.add_argument("--info", action="store_true", help="print the metadata of an exported file")
     p.add_argument("--json", action="store_true", help="with --info: print raw JSON")
     p.add_argument("--no-check", action="store_true", help="skip the eager-vs-exported fidelity check")
@@ -58,22 +69,37 @@ def print_info(meta: dict) -> None:
         print(f"{key:>{width}}  {value}")
 
 
+def split_paths(paths: List[str]) -> Tuple[Optional[str], str]:
+    """(checkpoint or None for the shipped model, output) from the positional paths."""
+    if len(paths) == 2:
+        return paths[0], paths[1]
+    if len(paths) != 1:
+        raise ValueError("give CHECKPOINT OUTPUT, or only OUTPUT to export the shipped model")
+    if paths[0] == DEFAULT_MODEL_NAME and not Path(paths[0]).exists():
+        raise ValueError(f"{DEFAULT_MODEL_NAME} names the shipped model; give an output path too: "
+                         f"python -m transip_md.export {DEFAULT_MODEL_NAME} model.pt")
+    return None, paths[0]
+
+
+def show_info(args: argparse.Namespace) -> int:
+    if len(args.paths) != 1:
+        raise ValueError("--info takes exactly one exported model file")
+    meta = read_metadata(args.paths[0])
+    print(json.dumps(meta, indent=1, sort_keys=True)) if args.json else print_info(meta)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.info:
-        if len(args.paths) != 1:
-            raise ValueError("--info takes exactly one exported model file")
-        meta = read_metadata(args.paths[0])
-        print(json.dumps(meta, indent=1, sort_keys=True)) if args.json else print_info(meta)
-        return 0
-    if len(args.paths) == 1:
-        ckpt, out = None, args.paths[0]
-    elif len(args.paths) == 2:
-        ckpt, out = args.paths
-    else:
-        raise ValueError("give CHECKPOINT OUTPUT, or only OUTPUT to export the shipped model")
+        return show_info(args)
+    ckpt, out = split_paths(args.paths)
+    check_export_target(out, replace_export=args.force)  # first: the output may be precious
     ckpt_path = resolve_checkpoint(ckpt)
-    meta = export_checkpoint(ckpt_path, out, dtype=args.dtype, check=not args.no_check)
+    if ckpt is None:
+        print(f"exporting the shipped model {DEFAULT_MODEL_NAME} ({ckpt_path}) to {out}", flush=True)
+    meta = export_checkpoint(ckpt_path, out, dtype=args.dtype, check=not args.no_check,
+                             replace_export=args.force)
     fid = meta.get("fidelity_check")
     check = (f"; exported = eager to {max(fid.values()):.1e} relative" if fid else "")
     print(f"wrote {out} ({meta['dtype']}, elements {' '.join(meta['elements'])}, cutoff {meta['cutoff']} Å{check})")
