@@ -545,8 +545,8 @@ def test_bad_model_file_python(files, kind, message, entry):
 
 
 @pytest.mark.parametrize("kind,message", [
-    ("corrupt", r"is not a loadable TorchScript"),
-    ("truncated", r"is not a loadable TorchScript"),
+    ("corrupt", r"corrupt\.pt.* is not a TorchScript archive"),
+    ("truncated", r"truncated\.pt"),
 ])
 def test_bad_model_file_lammps(files, plugin, tmp_path, kind, message):
     out = run_lammps(tmp_path, plugin, files[kind], atoms=in_box(molecule("H2O")))
@@ -580,10 +580,11 @@ def test_newer_format_version_lammps(files, plugin, tmp_path):
 
 
 # ============================================================================= 10. wrong LAMMPS units
-@pytest.mark.parametrize("units", ["real", "si"])
+@pytest.mark.parametrize("units", ["si", "lj"])
 def test_wrong_units_lammps(files, plugin, tmp_path, units):
+    """metal and real are converted (tests/test_lammps.py); every other style is refused."""
     out = run_lammps(tmp_path, plugin, files["model"], atoms=in_box(molecule("H2O")), units=units)
-    assert_lammps_error(out, rf"requires 'units metal'.*'units {units}'")
+    assert_lammps_error(out, rf"supports 'units metal' .* and 'units real' .*'units {units}'")
 
 
 # ============================================================================= 13. impossible electron count

@@ -110,7 +110,7 @@ def test_periodic_box_equals_explicit_replicas(potential64, triclinic):
     zb = z.repeat(len(shifts))
     i, j, _ = neighbor_pairs(block, torch.zeros(3, 3, dtype=torch.float64),
                              torch.zeros(3, dtype=torch.bool), potential64.cutoff)
-    e_local, forces = potential64.lammps(block, zb, i, j, n, ZERO, ONE)
+    e_local, forces = potential64.local_energies_forces(block, zb, i, j, n, ZERO, ONE)
     assert abs(float(e_local.sum() - ref["energy"])) < 1e-9
     summed = forces.reshape(len(shifts), n, 3).sum(0)
     torch.testing.assert_close(summed, ref["forces"], atol=1e-9, rtol=0)

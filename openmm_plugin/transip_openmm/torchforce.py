@@ -152,7 +152,7 @@ def _load_model(path: str) -> torch.jit.ScriptModule:
     """
     from transip_md.export import load_exported
 
-    return load_exported(path, device="cpu")
+    return load_exported(path, device="cpu", needs=("energy", "validate"), who="OpenMM")
 
 
 def _model_dtype(model: torch.jit.ScriptModule) -> torch.dtype:

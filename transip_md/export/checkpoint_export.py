@@ -1,4 +1,11 @@
-"""From a training checkpoint to an engine file, with a fidelity self-check."""
+"""From a training checkpoint to an engine file, with a fidelity self-check.
+
+Output rule: export writes a new file, or over a previous export (only where allowed:
+``--force`` on the command line). It never writes over anything else -- a training checkpoint,
+data, a text file -- whatever the flags. The file is written to a temporary file beside the
+target, checked there against the eager model, and only then renamed into place, so a failed
+check leaves a pre-existing target untouched.
+"""
 
 import hashlib
 import os
@@ -8,8 +15,10 @@ from typing import Any, Dict, Union
 import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint
-from .model_file import ModelFileError, export_potential, load_exported
+from .. import file_kinds
+from ..atomic_io import atomic_output, check_output_path
+from ..checkpoint import Checkpoint, load_checkpoint
+from .model_file import ModelFileError, load_exported, write_exported
 
 PathLike = Union[str, os.PathLike]
 
@@ -54,7 +63,9 @@ def default_model_path(dtype: str = "float32") -> Path:
     out = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-{dtype}-{digest}.pt"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        export_checkpoint(ckpt, out, dtype=dtype)
+        # Atomic (temporary file + rename); a concurrent process exporting the same key
+        # replaces an identical export, hence replace_export.
+        export_checkpoint(ckpt, out, dtype=dtype, replace_export=True)
     return out
 
 
@@ -103,11 +114,54 @@ def fidelity_check(eager, exported, dtype: str) -> Dict[str, float]:
     return worst
 
 
+def check_export_target(out_path: PathLike, replace_export: bool) -> None:
+    """Refuse an output path that holds anything but a previous export, and a previous export
+    unless ``replace_export``; the message names the file, what it is and what to do."""
+    out = Path(out_path)
+    kind = file_kinds.sniff(out)
+    if kind in (file_kinds.MISSING, file_kinds.DIRECTORY):  # a directory: check_output_path
+        return
+    if kind == file_kinds.EXPORTED:
+        if not replace_export:
+            raise ModelFileError(f"{out} is already an exported transip-md model{_export_summary(out)}; "
+                                 "use --force to replace it")
+        return
+    hint = (f". Did you mean: python -m transip_md.export {out} model.pt"
+            if kind == file_kinds.CHECKPOINT else "")
+    raise ModelFileError(f"{out} is {file_kinds.describe(kind)}; export writes only new files or "
+                         f"previous exports{hint}")
+
+
+def _export_summary(path: Path) -> str:
+    meta = file_kinds.exported_metadata(path) or {}
+    parts = [str(meta[k]) for k in ("model_name", "dtype") if meta.get(k)]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def load_source_checkpoint(ckpt_path: PathLike) -> Checkpoint:
+    """The checkpoint to export, with an export-specific message for an exported file."""
+    if file_kinds.sniff(ckpt_path) == file_kinds.EXPORTED:
+        source = (file_kinds.exported_metadata(ckpt_path) or {}).get("source_checkpoint")
+        origin = f" ({source}, per its metadata)" if source else ""
+        raise ModelFileError(
+            f"{ckpt_path} is an exported transip-md model, not a training checkpoint; export needs "
+            f"the checkpoint it was exported from{origin}; python -m transip_md.export --info "
+            f"{ckpt_path} shows its metadata")
+    return load_checkpoint(ckpt_path)
+
+
 def export_checkpoint(ckpt_path: PathLike, out_path: PathLike, dtype: str = "float32",
-                      check: bool = True) -> Dict[str, Any]:
-    """Export a checkpoint; with ``check`` the file is removed again if it disagrees with the
-    eager model beyond ``FIDELITY_RTOL``."""
-    ckpt = load_checkpoint(ckpt_path)
+                      check: bool = True, replace_export: bool = True) -> Dict[str, Any]:
+    """Export a checkpoint to ``out_path`` (see the module docstring for the output rule).
+
+    ``out_path`` may be new or a previous export (replaced only if ``replace_export``; the
+    command line passes ``--force``); anything else there is refused. With ``check`` the file
+    is compared with the eager model before it is renamed into place, and nothing is written
+    if they disagree beyond ``FIDELITY_RTOL``.
+    """
+    check_export_target(out_path, replace_export)
+    check_output_path(out_path)  # before the (slow) loading and scripting
+    ckpt = load_source_checkpoint(ckpt_path)
     extra = {
         "model_name": Path(ckpt_path).name.split(".")[0],
         "model_config": ckpt.config.to_dict(),
@@ -116,13 +170,19 @@ def export_checkpoint(ckpt_path: PathLike, out_path: PathLike, dtype: str = "flo
         "equivariance_error": _jsonable(ckpt.metrics.get("equivariance_error", {})),
         "source_checkpoint": str(Path(ckpt_path).name),
     }
-    meta = export_potential(ckpt.potential, out_path, dtype=dtype, extra_metadata=extra)
-    if check:
-        exported = load_exported(out_path)
-        worst = fidelity_check(ckpt.potential, exported, dtype)
-        meta["fidelity_check"] = worst
-        if max(worst.values()) > FIDELITY_RTOL[dtype]:
-            Path(out_path).unlink(missing_ok=True)
-            raise ModelFileError(
-                f"exported file disagrees with the eager model (relative {worst}); nothing was written")
+    with atomic_output(out_path) as tmp:
+        meta = write_exported(ckpt.potential, tmp, dtype=dtype, extra_metadata=extra)
+        if check:
+            meta["fidelity_check"] = _checked_fidelity(ckpt, tmp, dtype, out_path)
+        check_export_target(out_path, replace_export)  # again: the target may have appeared
     return meta
+
+
+def _checked_fidelity(ckpt: Checkpoint, exported_path: PathLike, dtype: str,
+                      out_path: PathLike) -> Dict[str, float]:
+    worst = fidelity_check(ckpt.potential, load_exported(exported_path), dtype)
+    if max(worst.values()) > FIDELITY_RTOL[dtype]:
+        raise ModelFileError(
+            f"the export of {ckpt.path} disagrees with the eager model (relative {worst}, allowed "
+            f"{FIDELITY_RTOL[dtype]}); {out_path} was not written or changed")
+    return worst

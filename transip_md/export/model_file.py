@@ -4,27 +4,34 @@ The file is a TorchScript archive of a scripted :class:`TransIPPotential` (neigh
 network and autograd forces inside, no custom operators) plus a JSON metadata record stored
 twice: as the module attribute ``metadata_json`` (for C++ engines) and as the archive's extra
 file ``metadata.json`` (so ``--info`` can read it without loading or running anything).
-``export/CONTRACT.md`` documents the entry points.
+``export/CONTRACT.md`` documents the entry points. Readers sniff the file's kind first
+(:mod:`transip_md.file_kinds`), so a checkpoint or other file given by mistake is named.
 """
 
 import copy
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from .. import __version__
+from .. import file_kinds
 from .. import units
 from ..atomic_io import atomic_output, check_output_path
+from ..model.contract import FORMAT2_ALIASES, declaration
 from ..model.potential import TransIPPotential
 
 MODEL_KIND = "transip-md-model"
 #: Bump when an engine-visible entry point or attribute changes meaning.
 #: 2: halo_* entry points for the LAMMPS per-layer halo exchange (export/CONTRACT.md 3.6).
-FORMAT_VERSION = 2
+#: 3: the declaration (capabilities, limits, species, unit_factors, operator_library),
+#:    validate_cell / validate_electrons, neutral names (lammps -> local_energies_forces,
+#:    lammps_periodic -> mapped_energies_forces_virial; loaders accept the old names).
+FORMAT_VERSION = 3
 METADATA_NAME = "metadata.json"
 
 PathLike = Union[str, os.PathLike]
@@ -42,34 +49,47 @@ def units_table() -> Dict[str, Dict[str, str]]:
                    "kj_per_mol_per_ev": units.KJ_PER_MOL_PER_EV,
                    "angstrom_per_nm": units.ANGSTROM_PER_NM},
         "lammps": {"units": "metal", "positions": "Å", "energy": "eV", "forces": "eV/Å"},
+        "lammps_real": {"units": "real", "positions": "Å", "energy": "kcal/mol",
+                        "forces": "kcal/mol/Å", "kcal_per_mol_per_ev": units.KCAL_PER_MOL_PER_EV},
     }
 
 
 def build_metadata(potential: TransIPPotential, dtype: torch.dtype,
                    extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The metadata record: identity, the engine declaration (model/contract.py) and extras."""
+    declared = declaration(potential, dtype, units_table())
     meta: Dict[str, Any] = {
         "kind": MODEL_KIND,
         "format_version": FORMAT_VERSION,
         "transip_md_version": __version__,
-        "torch_version": str(torch.__version__),
-        "dtype": str(dtype).removeprefix("torch."),
         "elements": potential.element_list(),
         "cutoff": potential.cutoff,
         "num_layers": potential.num_layers,
         "receptive_field": potential.receptive_field,
         "units": units_table(),
-        "entry_points": ["compute", "energy", "lammps", "lammps_periodic", "halo_feature_width",
-                         "halo_edges", "halo_embed", "halo_layer", "halo_readout", "forward",
-                         "element_list", "validate"],
+        "entry_points": sorted(declared["capabilities"]),
+        **declared,
     }
     if extra:
         meta.update(extra)
     return meta
 
 
-def export_potential(potential: TransIPPotential, path: PathLike, dtype: str = "float32",
-                     extra_metadata: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Script ``potential`` in ``dtype`` and write it atomically to ``path``; returns metadata."""
+def _declare(model: TransIPPotential, meta: Dict[str, Any]) -> None:
+    """Store the declaration as typed module attributes (read by C++ without JSON)."""
+    model.format_version = FORMAT_VERSION
+    model.capabilities = dict(meta["capabilities"])
+    model.limits = dict(meta["limits"])
+    model.species = dict(meta["species"])
+    model.unit_factors = dict(meta["unit_factors"])
+    model.operator_library = str(meta["operator_library"])
+    model.metadata_json = json.dumps(meta, sort_keys=True)
+
+
+def write_exported(potential: TransIPPotential, path: PathLike, dtype: str = "float32",
+                   extra_metadata: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Script ``potential`` in ``dtype`` and write it atomically to ``path``, whatever is there
+    (callers decide what may be replaced); returns the metadata."""
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, got '{dtype}'")
     path = Path(path)
@@ -80,36 +100,66 @@ def export_potential(potential: TransIPPotential, path: PathLike, dtype: str = "
     if not bool(model.supported_elements.any()):
         raise ValueError("the potential declares no supported elements; was it trained?")
     meta = build_metadata(model, torch_dtype, extra_metadata)
-    model.format_version = FORMAT_VERSION
-    model.metadata_json = json.dumps(meta, sort_keys=True)
+    _declare(model, meta)
     scripted = torch.jit.script(model)
     with atomic_output(path) as tmp:
         torch.jit.save(scripted, tmp, _extra_files={METADATA_NAME: model.metadata_json})
     return meta
 
 
+def export_potential(potential: TransIPPotential, path: PathLike, dtype: str = "float32",
+                     extra_metadata: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """:func:`write_exported` to a new file or over a previous export only: never over a
+    checkpoint or any other file (the same rule as ``python -m transip_md.export --force``)."""
+    kind = file_kinds.sniff(path)
+    if kind not in (file_kinds.MISSING, file_kinds.EXPORTED, file_kinds.DIRECTORY):
+        raise ModelFileError(f"{path} is {file_kinds.describe(kind)}; an export is written only "
+                             "to a new file or over a previous export")
+    return write_exported(potential, path, dtype, extra_metadata)
+
+
+def not_exported_message(path: PathLike, kind: str) -> str:
+    """Why a file of ``kind`` (see :func:`file_kinds.sniff`) is not an exported model, and
+    what to do."""
+    if kind == file_kinds.DIRECTORY:
+        return f"{path} is a directory, not a model file"
+    if kind in (file_kinds.NOT_ZIP, file_kinds.EMPTY):
+        what = "an empty file" if kind == file_kinds.EMPTY else "not a TorchScript archive"
+        return f"{path} is not an exported transip-md model ({what}; truncated or corrupt?)"
+    if kind == file_kinds.CHECKPOINT:
+        return (f"{path} is not an exported transip-md model; it looks like a training checkpoint: "
+                f"export it first with python -m transip_md.export {path} model.pt")
+    if kind == file_kinds.TORCHSCRIPT:
+        return (f"{path} is not an exported transip-md model: a TorchScript archive without "
+                f"transip-md {METADATA_NAME}")
+    return f"{path} is not an exported transip-md model: it is {file_kinds.describe(kind)}"
+
+
 def read_metadata(path: PathLike) -> Dict[str, Any]:
     """Metadata of an exported file, read from the archive without loading any code."""
     path = Path(path)
-    if not path.exists():
+    kind = file_kinds.sniff(path)
+    if kind == file_kinds.MISSING:
         raise FileNotFoundError(f"model file not found: {path}")
-    if path.is_dir():
-        raise ModelFileError(f"{path} is a directory, not a model file")
-    if not zipfile.is_zipfile(path):
-        raise ModelFileError(f"{path} is not an exported transip-md model (not a TorchScript archive; truncated or corrupt?)")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith("/extra/" + METADATA_NAME)]
-            if not names:
-                hint = " (it looks like a training checkpoint: export it first with python -m transip_md.export)" \
-                    if any(n.endswith("data.pkl") for n in archive.namelist()) and not any(
-                        "/code/" in n for n in archive.namelist()) else ""
-                raise ModelFileError(f"{path} is not an exported transip-md model: no {METADATA_NAME}{hint}")
-            meta = json.loads(archive.read(names[0]).decode("utf-8"))
-    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{path} has unreadable metadata: {exc}") from None
+    if kind not in (file_kinds.EXPORTED, file_kinds.TORCHSCRIPT):
+        raise ModelFileError(not_exported_message(path, kind))
+    meta = _read_metadata_entry(path)
+    if meta is None:
+        raise ModelFileError(not_exported_message(path, kind))
     _check_metadata(meta, path)
     return meta
+
+
+def _read_metadata_entry(path: Path) -> Optional[Any]:
+    """The parsed ``extra/metadata.json`` of a TorchScript archive; None if it has none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = file_kinds.metadata_entry(archive.namelist())
+            if name is None:
+                return None
+            return json.loads(archive.read(name).decode("utf-8"))
+    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{path} has unreadable metadata: {exc}") from None
 
 
 def _check_metadata(meta: Dict[str, Any], path: Path) -> None:
@@ -126,14 +176,62 @@ def _check_metadata(meta: Dict[str, Any], path: Path) -> None:
         raise ModelFileError(f"{path} has invalid model format version {version}")
 
 
-def load_exported(path: PathLike, device: Union[str, torch.device] = "cpu") -> torch.jit.ScriptModule:
-    """Load an exported file on ``device`` after validating its metadata and format version."""
+def declared_capabilities(meta: Dict[str, Any]) -> Dict[str, int]:
+    """Entry point -> contract version of a file; older files (format <= 2) declared only a
+    list of names, and their format-2 names count as the new ones (aliases)."""
+    if isinstance(meta.get("capabilities"), dict):
+        return {str(k): int(v) for k, v in meta["capabilities"].items()}
+    names = meta.get("entry_points") or ["compute", "energy", "lammps", "forward", "element_list",
+                                         "validate"]
+    found = {str(name): 1 for name in names}
+    for old, new in FORMAT2_ALIASES.items():
+        if old in found:
+            found[new] = 1
+    return found
+
+
+def check_declaration(meta: Dict[str, Any], path: PathLike, needs: Sequence[str] = (),
+                      who: str = "this engine") -> None:
+    """The one place where a file's declaration is judged against what an engine needs:
+    a missing entry point refuses (with what to do), a different torch major version warns."""
+    offered = declared_capabilities(meta)
+    missing = [name for name in needs if name not in offered]
+    if missing:
+        raise ModelFileError(
+            f"{path} does not provide {', '.join(missing)} (needed by {who}; the file has model "
+            f"format {meta.get('format_version')}); re-export it with this transip-md: "
+            f"python -m transip_md.export <checkpoint> {Path(path).name}")
+    library = meta.get("operator_library") or ""
+    if library and library not in loaded_operator_libraries():
+        raise ModelFileError(
+            f"{path} needs the operator library '{library}', which is not loaded here; install "
+            f"transip-md with its compiled operators, or export the reference path (no library)")
+    file_torch = str(meta.get("torch_version", ""))
+    if file_torch and file_torch.split(".")[0] != str(torch.__version__).split(".")[0]:
+        warnings.warn(f"{path} was exported with torch {file_torch}, this is torch "
+                      f"{torch.__version__} (another major version); re-export it if loading or "
+                      f"results look wrong", stacklevel=3)
+
+
+def loaded_operator_libraries() -> List[str]:
+    """Names of the transip-md operator libraries loaded in this process (none yet)."""
+    return []
+
+
+def load_exported(path: PathLike, device: Union[str, torch.device] = "cpu",
+                  needs: Sequence[str] = ("compute",),
+                  who: str = "the Python API") -> torch.jit.ScriptModule:
+    """The Python door to an exported file: validate its metadata, format version and
+    declaration against ``needs`` (entry points the caller will use), then load it on
+    ``device``. Every Python engine (ASE calculator, OpenMM adapter, evaluate, benchmarks)
+    loads through here."""
     meta = read_metadata(path)
+    check_declaration(meta, path, needs, who)
     try:
         module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"{path} could not be loaded as TorchScript: {first}") from None
+        raise ModelFileError(
+            f"{path} could not be loaded as TorchScript: {file_kinds.safe_error_text(exc)}") from None
     if int(module.format_version) != int(meta["format_version"]):
         raise ModelFileError(f"{path}: metadata and module disagree on the format version")
     module.eval()

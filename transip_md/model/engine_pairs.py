@@ -46,7 +46,7 @@ class EnginePairEntries:
 
     @torch.jit.export
     @entry_point(1, "Tuple[Tensor, Tensor]: local per-atom energies (eV), forces on all rows (eV/Å)")
-    def lammps(
+    def local_energies_forces(
         self,
         positions: Tensor,
         numbers: Tensor,
@@ -79,7 +79,7 @@ class EnginePairEntries:
 
     @torch.jit.export
     @entry_point(1, "Tuple[Tensor, Tensor, Tensor]: energies (eV), forces (eV/Å), virial [6] (eV)")
-    def lammps_periodic(
+    def mapped_energies_forces_virial(
         self,
         positions: Tensor,
         numbers: Tensor,
