@@ -312,6 +312,25 @@ def test_file_that_is_not_an_exported_model_is_refused(model64, tmp_path):
         make_torch_force(plain, topology)
 
 
+def test_merged_pdb_atoms_show_in_the_electron_count_message(model64, tmp_path):
+    """ASE writes every ethanol atom of one residue with a bare element name; OpenMM's PDBFile
+    then merges atoms of equal name (9 become 3). The electron-count message names the atom
+    count, so the user sees that the topology lost atoms."""
+    import warnings
+
+    from ase.io import write
+    from openmm.app import PDBFile
+
+    path = tmp_path / "ethanol.pdb"
+    write(path, ethanol())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # OpenMM's own "duplicate atom" warnings
+        topology = PDBFile(str(path)).topology
+    assert topology.getNumAtoms() == 3
+    with pytest.raises(ValueError, match=r"15 electrons \(charge 0, 3 atoms, total atomic number 15\)"):
+        make_torch_force(model64, topology)
+
+
 def test_box_too_thin_is_refused(model64):
     """The model's one cell rule (more than max_images periodic images per axis is a units
     mistake), the same words as ASE; a box merely narrower than the cutoff is accepted (more
