@@ -37,7 +37,8 @@ class TransIPCalculator(Calculator):
         self.model_path = str(model_path) if model_path is not None else str(default_model_path())
         self.metadata = read_metadata(self.model_path)
         self.device = torch.device(device)
-        self.model = load_exported(self.model_path, device=self.device)
+        self.model = load_exported(self.model_path, device=self.device, needs=("compute",),
+                                   who="the ASE calculator")
         if low_memory:  # one layer's activations at a time: large systems on a GPU
             if not hasattr(self.model, "low_memory"):
                 raise ValueError(f"{self.model_path} predates the low_memory option; re-export it "
