@@ -1,89 +1,208 @@
 """OpenMM steps/s through OpenMM-Torch's TorchForce, with and without CUDA graphs.
 
-  python benchmarks/openmm_gpu.py --model model.pt --platform CUDA --sizes 512 2048 --json out.json
+  python benchmarks/openmm_gpu.py --platform CUDA --nvrtc-stub libnvrtc.so.12 \\
+      --json benchmarks/results/openmm_gpu_h200.json
 
-Periodic water boxes (``transip_md.systems.water_box``), LangevinMiddleIntegrator at 0.5 fs.
-For each size: energy agreement of the static (graph) path with the dynamic path, and steps/s
-of both (median of --repeats timed blocks of --steps after warm-up). Prints a table, writes JSON.
+Periodic water boxes (``transip_md.systems.water_box``: 64 .. 8,192 molecules = 192 .. 24,576
+atoms by default), the shipped trained model (``--model``: another exported file), so that the
+dynamics stay physical: a random-weight model drives two atoms together within a few hundred
+steps. Each box is first relaxed on the dynamic path (a short energy minimisation, then
+``--equilibrate`` Langevin steps at high friction), because ``water_box`` is a lattice, not a
+liquid. From that state, for graphs off and on: energy agreement of the static (graph) path
+with the dynamic one, the static path's neighbour search (all pairs, or the cell list's grid and
+capacities), and steps/s (median of ``--repeats`` timed blocks of ``--steps`` after warm-up).
+A NaN on the static path (a capacity exceeded, see ``make_torch_force``) is reported in its
+row, not raised. Prints a table and writes JSON (``--json``; default
+``benchmarks/results/openmm_gpu_<platform>.json``).
 """
 
 import argparse
 import ctypes
 import json
+import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch  # before openmm, so that OpenMM-Torch's plugins find torch's libraries
 
+RESULTS = Path(__file__).resolve().parent / "results"
+TIMESTEP_FS = 0.5
 
-def main() -> None:
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None, help="exported model file (default: the shipped model)")
+    p.add_argument("--dtype", default="float32", help="dtype of the shipped model's export")
     p.add_argument("--platform", default="CUDA")
-    p.add_argument("--sizes", type=int, nargs="+", default=[512, 2048], help="water molecules")
+    p.add_argument("--precision", default=None, help="OpenMM CUDA/CPU precision (single, mixed, double)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 512, 2048, 8192], help="water molecules")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--equilibrate", type=int, default=200, help="Langevin steps before timing")
     p.add_argument("--nvrtc-stub", default=None, help="preload this libnvrtc.so.12 (test machines)")
     p.add_argument("--graph-warmup", type=int, default=None,
                    help="OpenMM-Torch CUDAGraphWarmupSteps (plain calls before the graph is captured)")
     p.add_argument("--json", default=None)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def model_path(args) -> str:
+    if args.model:
+        return args.model
+    from transip_md.export import default_model_path
+
+    return str(default_model_path(args.dtype))
+
+
+def make_context(openmm, unit, atoms, force, platform, precision, friction_per_ps=1.0):
+    from transip_md.units import ANGSTROM_PER_NM
+
+    system = openmm.System()
+    for mass in atoms.get_masses():
+        system.addParticle(float(mass))
+    box_nm = atoms.cell.array / ANGSTROM_PER_NM
+    system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box_nm])
+    system.addForce(force)
+    integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, friction_per_ps / unit.picosecond,
+                                                 TIMESTEP_FS * unit.femtosecond)
+    properties = {"Precision": precision} if precision else {}
+    return openmm.Context(system, integrator, platform, properties), integrator
+
+
+def potential_energy(context, unit) -> float:
+    return context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+
+
+def relaxed_state(openmm, unit, atoms, model, platform, args):
+    """Positions and velocities after a minimisation and a high-friction Langevin run."""
+    from transip_md.units import ANGSTROM_PER_NM
+    from transip_openmm import make_torch_force
+
+    force = make_torch_force(model, list(atoms.get_chemical_symbols()), periodic=True,
+                             box_vectors=atoms.cell.array / ANGSTROM_PER_NM)
+    context, integrator = make_context(openmm, unit, atoms, force, platform, args.precision,
+                                       friction_per_ps=10.0)
+    context.setPositions(atoms.positions / ANGSTROM_PER_NM)
+    openmm.LocalEnergyMinimizer.minimize(context, 10.0, 200)
+    context.setVelocitiesToTemperature(300 * unit.kelvin, 1)
+    integrator.step(args.equilibrate)
+    state = context.getState(getPositions=True, getVelocities=True, getEnergy=True)
+    return state.getPositions(asNumpy=True), state.getVelocities(asNumpy=True)
+
+
+def static_plan(model, atoms):
+    """The static path's neighbour search for this box (what make_torch_force chooses)."""
+    from transip_md.units import ANGSTROM_PER_NM
+    from transip_openmm.torchforce import _static_capacity
+
+    cutoff = float(torch.jit.load(model).cutoff)
+    plan = _static_capacity(len(atoms), cutoff, True, atoms.cell.array / ANGSTROM_PER_NM, None)
+    return {"search": "cell list" if plan.uses_cell_list else "all pairs",
+            "neighbor_capacity": plan.neighbor_capacity, "cell_capacity": plan.cell_capacity,
+            "grid": list(plan.grid)}
+
+
+def time_steps(context, integrator, unit, steps: int, repeats: int) -> float:
+    """Steps/s: median over timed blocks (getState forces the queued work to finish)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        integrator.step(steps)
+        context.getState(getEnergy=True)
+        times.append(time.perf_counter() - t0)
+    return steps / float(np.median(times))
+
+
+def run_one(openmm, unit, atoms, model, platform, args, graphs, positions, velocities):
+    """(energy at the relaxed state, steps/s or None, error or None) for one path."""
+    from transip_md.units import ANGSTROM_PER_NM
+    from transip_openmm import make_torch_force
+
+    force = make_torch_force(model, list(atoms.get_chemical_symbols()), periodic=True,
+                             box_vectors=atoms.cell.array / ANGSTROM_PER_NM, cuda_graphs=graphs)
+    if graphs and args.graph_warmup is not None:
+        force.setProperty("CUDAGraphWarmupSteps", str(args.graph_warmup))
+    context, integrator = make_context(openmm, unit, atoms, force, platform, args.precision)
+    context.setPositions(positions)
+    context.setVelocities(velocities)
+    energy = potential_energy(context, unit)
+    if not math.isfinite(energy):
+        return energy, None, ("NaN energy: a static-path capacity is exceeded "
+                              "(make_torch_force neighbor_capacity= / cell_capacity=)")
+    try:
+        integrator.step(20)  # warm-up (graph capture happens here)
+        context.getState(getEnergy=True)
+        rate = time_steps(context, integrator, unit, args.steps, args.repeats)
+    except openmm.OpenMMException as err:
+        return energy, None, f"{type(err).__name__}: {str(err)[:300]}"
+    final = potential_energy(context, unit)
+    if not math.isfinite(final):
+        return energy, None, "NaN energy during the run (a capacity exceeded, or unstable dynamics)"
+    return energy, rate, None
+
+
+def print_table(rows) -> None:
+    def fmt(value, spec):
+        return format(value, spec) if value is not None else "-"
+
+    print(f"\n{'atoms':>7} {'search':>10} {'steps/s':>9} {'steps/s graphs':>15} {'speed-up':>9} "
+          f"{'ns/day graphs':>14} {'|dE|/|E|':>10}")
+    for r in rows:
+        plain, graphs = r.get("steps_per_s"), r.get("steps_per_s_graphs")
+        speedup = graphs / plain if plain and graphs else None
+        print(f"{r['atoms']:>7} {r['static_plan']['search']:>10} {fmt(plain, '9.1f')} "
+              f"{fmt(graphs, '15.1f')} {fmt(speedup, '9.2f')} {fmt(r.get('ns_per_day_graphs'), '14.2f')} "
+              f"{fmt(r.get('energy_rel_diff_graphs_vs_dynamic'), '10.1e')}")
+        for key in ("error", "error_graphs"):
+            if r.get(key):
+                print(f"{'':>7} {key}: {r[key]}")
+
+
+def main() -> None:
+    args = parse_args()
     if args.nvrtc_stub:
         ctypes.CDLL(os.path.abspath(args.nvrtc_stub), mode=ctypes.RTLD_GLOBAL)
     import openmm
     import openmm.unit as unit
 
     from transip_md.systems import water_box
-    from transip_md.units import ANGSTROM_PER_NM
-    from transip_openmm import make_torch_force
+    from transip_openmm import import_openmmtorch
 
+    import_openmmtorch()  # reloads OpenMM-Torch's platform plugins if openmm came first
     platform = openmm.Platform.getPlatformByName(args.platform)
+    model = model_path(args)
     rows = []
     for n_mol in args.sizes:
         atoms = water_box(n_mol, seed=0)
-        box_nm = atoms.cell.array / ANGSTROM_PER_NM
-        row = {"molecules": n_mol, "atoms": len(atoms)}
+        row = {"molecules": n_mol, "atoms": len(atoms), "static_plan": static_plan(model, atoms)}
+        t0 = time.perf_counter()
+        positions, velocities = relaxed_state(openmm, unit, atoms, model, platform, args)
+        row["relax_s"] = time.perf_counter() - t0
         energies = {}
         for graphs in (False, True):
-            system = openmm.System()
-            for mass in atoms.get_masses():
-                system.addParticle(float(mass))
-            system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*r) for r in box_nm])
-            force = make_torch_force(args.model, list(atoms.get_chemical_symbols()),
-                                     periodic=True, box_vectors=box_nm, cuda_graphs=graphs)
-            if graphs and args.graph_warmup is not None:
-                force.setProperty("CUDAGraphWarmupSteps", str(args.graph_warmup))
-            system.addForce(force)
-            integrator = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond,
-                                                         0.5 * unit.femtosecond)
-            context = openmm.Context(system, integrator, platform)
-            context.setPositions(atoms.positions / ANGSTROM_PER_NM)
-            energies[graphs] = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(
-                unit.kilojoule_per_mole)
-            integrator.step(20)  # warm-up (graph capture happens here)
-            context.getState(getEnergy=True)
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                integrator.step(args.steps)
-                context.getState(getEnergy=True)
-                times.append(time.perf_counter() - t0)
-            rate = args.steps / float(np.median(times))
-            row["steps_per_s_graphs" if graphs else "steps_per_s"] = rate
-            row["ns_per_day_graphs" if graphs else "ns_per_day"] = rate * 0.5e-6 * 86400
-            del context, integrator
-        row["energy_rel_diff_graphs_vs_dynamic"] = abs(energies[True] - energies[False]) / abs(energies[False])
+            suffix = "_graphs" if graphs else ""
+            energy, rate, error = run_one(openmm, unit, atoms, model, platform, args, graphs,
+                                          positions, velocities)
+            energies[graphs] = energy
+            row["energy_kj_mol" + suffix] = energy
+            row["steps_per_s" + suffix] = rate
+            row["ns_per_day" + suffix] = rate * TIMESTEP_FS * 1e-6 * 86400 if rate else None
+            row["error" + suffix] = error
+        row["energy_rel_diff_graphs_vs_dynamic"] = (abs(energies[True] - energies[False])
+                                                    / abs(energies[False]))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'atoms':>7} {'steps/s':>9} {'steps/s graphs':>15} {'ns/day graphs':>14} {'|dE|/|E|':>10}")
-    for r in rows:
-        print(f"{r['atoms']:>7} {r['steps_per_s']:>9.1f} {r['steps_per_s_graphs']:>15.1f} "
-              f"{r['ns_per_day_graphs']:>14.2f} {r['energy_rel_diff_graphs_vs_dynamic']:>10.1e}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                       "rows": rows}, fh, indent=1)
+    print_table(rows)
+    out = Path(args.json) if args.json else RESULTS / f"openmm_gpu_{args.platform.lower()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    with open(out, "w") as fh:
+        json.dump({"args": vars(args), "model": model, "device": device,
+                   "torch": torch.__version__, "openmm": openmm.__version__, "rows": rows},
+                  fh, indent=1)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -421,28 +421,26 @@ def _validate_state(model, numbers: List[int], charge: int, multiplicity: int, d
 
 # ----------------------------------------------------------------------------- public API
 def _static_capacity(n_atoms: int, cutoff_a: float, periodic: bool, box_vectors,
-                     requested: Optional[int]) -> int:
-    """Neighbour capacity of the static-shape (CUDA-graph) path; checks its preconditions."""
+                     requested: Optional[int], cell_capacity: Optional[int] = None,
+                     cell_list: bool = True):
+    """Neighbour search of the static-shape (CUDA-graph) path: a
+    :class:`~transip_md.model.static_shapes.StaticNeighborPlan` (neighbour capacity, and the
+    cell list's grid and cell capacity where one applies); checks its preconditions."""
+    from transip_md.model.static_shapes import plan_static_neighbors
+
     if n_atoms < 2:
         raise ValueError("cuda_graphs needs at least two ML atoms")
+    cell = None
     if periodic:
         if box_vectors is None:
             raise ValueError("cuda_graphs with a periodic force needs the box (topology or box_vectors)")
-        widths = box_widths_nm(box_vectors) * ANGSTROM_PER_NM
-        if widths.min() < 2.0 * cutoff_a:
-            raise ValueError(
-                f"cuda_graphs uses minimum-image displacements: the box must be at least twice "
-                f"the model cutoff ({2 * cutoff_a:.2f} Å) wide, but its narrowest width is "
-                f"{widths.min():.2f} Å; use cuda_graphs=False for small boxes")
-    if requested is not None:
-        if not 1 <= int(requested) <= n_atoms - 1:
-            raise ValueError(f"neighbor_capacity must be in 1..{n_atoms - 1}, got {requested}")
-        return int(requested)
-    if not periodic:
-        return n_atoms - 1
-    volume = abs(float(np.linalg.det(_box_vectors_nm(box_vectors)))) * ANGSTROM_PER_NM ** 3
-    expected = n_atoms / volume * 4.0 / 3.0 * np.pi * cutoff_a ** 3
-    return int(min(n_atoms - 1, max(32, int(np.ceil(1.6 * expected)))))
+        cell = _box_vectors_nm(box_vectors) * ANGSTROM_PER_NM
+    try:
+        return plan_static_neighbors(n_atoms, cutoff_a, cell, periodic, requested, cell_capacity,
+                                     cell_list)
+    except ValueError as err:
+        raise ValueError(f"cuda_graphs: {err}; use cuda_graphs=False for small boxes"
+                         if "twice" in str(err) else f"cuda_graphs: {err}") from None
 
 
 def make_torch_force(
@@ -459,6 +457,7 @@ def make_torch_force(
     scale_parameter: Optional[str] = None,
     cuda_graphs: bool = False,
     neighbor_capacity: Optional[int] = None,
+    cell_capacity: Optional[int] = None,
 ):
     """Build an ``openmmtorch.TorchForce`` that evaluates a TransIP model.
 
@@ -482,14 +481,26 @@ def make_torch_force(
         scale_parameter: name of a global parameter (default value 1) that multiplies the
             energy, e.g. ``"lambda_interpolate"`` for openmm-ml's ML/MM interpolation. Cannot be
             combined with ``global_parameters``.
-        cuda_graphs: run the model through its static-shape path (all-pairs minimum image +
-            the ``neighbor_capacity`` nearest neighbours per atom) and set OpenMM-Torch's
-            ``useCUDAGraphs`` property, so that the CUDA platform captures one graph and replays
-            it every step. Needs periodic boxes at least twice the cutoff wide. If an atom ever
-            has more than ``neighbor_capacity`` neighbours within the cutoff, the energy becomes
-            NaN and OpenMM stops (rather than silently dropping neighbours): raise the capacity.
-        neighbor_capacity: neighbours per atom on the static path (default: 1.6 x the mean
-            count expected from the box density, at least 32, at most N - 1; N - 1 in vacuum).
+        cuda_graphs: run the model through its static-shape path (``energy_static``: fixed
+            tensor shapes, no host synchronisation) and set OpenMM-Torch's ``useCUDAGraphs``
+            property, so that the CUDA platform captures one graph and replays it every step.
+            Neighbours come from a cell list (O(N); grid fixed from the initial box, cells at
+            least one cutoff wide with 5 % room for a shrinking box) or, for small systems,
+            from all pairs (periodic boxes then at least twice the cutoff wide). Every size is
+            fixed when the force is built, from the atom count and the box (the positions are
+            not known yet); if the run outgrows one of them -- an atom with more than
+            ``neighbor_capacity`` neighbours within the cutoff, a grid cell with more than
+            ``cell_capacity`` atoms, a box compressed below the grid's cell width -- the
+            energy becomes NaN, checked on the device, and OpenMM stops ("Particle coordinate
+            is NaN" or NaN energies) instead of silently dropping neighbours. Remedy: build
+            the force again with a larger ``neighbor_capacity=`` and/or ``cell_capacity=``
+            (or from the compressed box).
+        neighbor_capacity: neighbours per atom on the static path (default: 1.5 x the mean
+            count expected from the box density, at least 32, at most N - 1; in vacuum N - 1
+            for all pairs, else from a density of 0.1 atoms/Å^3).
+        cell_capacity: atoms per cell of the static path's cell list (default: 1.5 x the mean
+            N / cells + 3 x its square root; in vacuum the mean assumes a compact cluster at
+            0.1 atoms/Å^3). Giving it selects the cell list wherever the grid allows one.
 
     Raises:
         FileNotFoundError: the model file does not exist.
@@ -561,8 +572,20 @@ def make_torch_force(
     indices = None if atom_list is None else torch.tensor(atom_list, dtype=torch.long)
     capacity = 0
     if cuda_graphs:
-        capacity = _static_capacity(len(numbers), float(model.cutoff), periodic, box_vectors,
-                                    neighbor_capacity)
+        from transip_md.model.static_shapes import StaticPlanBinding, supports_cell_list
+
+        plan = _static_capacity(len(numbers), float(model.cutoff), periodic, box_vectors,
+                                neighbor_capacity, cell_capacity)
+        if plan.uses_cell_list and not supports_cell_list(model):
+            warnings.warn(f"{model_name} predates the static-shape cell list; cuda_graphs uses "
+                          "the O(N^2) all-pairs search. Re-export it with this transip-md "
+                          "(python -m transip_md.export ...) for the O(N) one")
+            plan = _static_capacity(len(numbers), float(model.cutoff), periodic, box_vectors,
+                                    neighbor_capacity, cell_list=False)
+        capacity = plan.neighbor_capacity
+        if plan.uses_cell_list:
+            # The wrapper calls model.energy_static(..., capacity); the binding adds the grid.
+            model = StaticPlanBinding(model, plan)
     scripted = _script_wrapper(model, numbers, indices, charge, multiplicity, periodic, dtype,
                                capacity, bool(global_parameters), scale_parameter is not None)
     if os.environ.get("TRANSIP_TORCHFORCE_VIA_FILE"):
