@@ -58,7 +58,9 @@ def declaration(potential, dtype: torch.dtype, units: Dict[str, Dict[str, Any]],
             "max_abs_charge": float(potential.max_abs_charge),
             "min_multiplicity": 1.0,
             "max_multiplicity": float(potential.max_multiplicity),
-            # energy_static (CUDA graphs) uses minimum-image displacements
+            # energy_static (CUDA graphs): periodic boxes at least this many cutoffs wide (its
+            # all-pairs form uses minimum images; its cell list needs >= 3 cells per axis too,
+            # checked on the device)
             "static_min_box_width_over_cutoff": 2.0,
         },
         "species": {symbol: int(atomic_numbers[symbol]) for symbol in potential.element_list()},
