@@ -7,7 +7,9 @@ values come from the same TorchScript file through its ``compute``/``energy`` me
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import json
 import subprocess
 import zipfile
 from pathlib import Path
@@ -24,12 +26,35 @@ TYPE_ORDER = ("O", "H")
 
 
 # ----------------------------------------------------------------------------- model file
-def _format_one_class():
-    """TransIPPotential as format version 1 scripted it: without the halo_* entry points
-    (overridden here by plain methods, which ``torch.jit.script`` leaves out of the file)."""
+#: The format-3 declaration attributes (export/CONTRACT.md, section 2); older files lack them.
+DECLARATION = ("capabilities", "limits", "species", "unit_factors", "operator_library")
+
+
+def _format_two_class():
+    """TransIPPotential as format 2 scripted it: the engine entry points under their old
+    names (``lammps``, ``lammps_periodic``: the same code, bound to the old name, which
+    ``torch.jit.script`` compiles under that name); the new names are overridden by plain
+    methods, which scripting leaves out of the file."""
     from transip_md.model import TransIPPotential
 
-    class FormatOnePotential(TransIPPotential):
+    class FormatTwoPotential(TransIPPotential):
+        lammps = TransIPPotential.local_energies_forces
+        lammps_periodic = TransIPPotential.mapped_energies_forces_virial
+
+        def local_energies_forces(self, *args):
+            raise NotImplementedError
+
+        def mapped_energies_forces_virial(self, *args):
+            raise NotImplementedError
+
+    return FormatTwoPotential
+
+
+def _format_one_class():
+    """A format-2 potential without the halo_* entry points, as format 1 scripted it."""
+    base = _format_two_class()
+
+    class FormatOnePotential(base):
         def halo_feature_width(self):
             raise NotImplementedError
 
@@ -48,56 +73,92 @@ def _format_one_class():
     return FormatOnePotential
 
 
-def _drop_electron_check(path: Path) -> None:
-    """Turn an exported file into one as made before ``validate_electrons`` existed: the method
-    (and the model's own calls to it) renamed in the archive's TorchScript code, to a name of
-    the same length so that the debug source ranges stay valid. Engines then find no
-    ``validate_electrons``; everything else is the exporter's file."""
-    old, new = b"validate_electrons", b"xalidate_electrons"
+def rename_in_code(path: Path, old: str, new: str) -> None:
+    """Rename a method (and the model's own calls to it) in an exported archive's TorchScript
+    code, to a name of the same length so that the debug source ranges stay valid. Engines
+    then find no method ``old``; everything else is the file as it was."""
+    assert len(old) == len(new), "same length keeps the archive's source ranges valid"
     tmp = Path(str(path) + ".tmp")
     renamed = 0
     with zipfile.ZipFile(path) as zin, zipfile.ZipFile(tmp, "w") as zout:
         for info in zin.infolist():
             data = zin.read(info)
             if "/code/" in info.filename:
-                renamed += data.count(old)
-                data = data.replace(old, new)
+                renamed += data.count(old.encode())
+                data = data.replace(old.encode(), new.encode())
             zout.writestr(info, data, compress_type=info.compress_type)
-    assert renamed > 0, f"{path} has no {old.decode()} to drop"
+    assert renamed > 0, f"{path} has no {old} to rename"
     tmp.replace(path)
 
 
+def format_two_metadata(potential, dtype: torch.dtype) -> str:
+    """The metadata record a format-2 export carried: the exporter's, without the
+    declaration, with ``entry_points`` under their old names."""
+    from transip_md.export.model_file import build_metadata
+    from transip_md.model.contract import FORMAT2_ALIASES
+
+    meta = build_metadata(potential, dtype)
+    for key in (*DECLARATION, "entry_point_returns"):
+        meta.pop(key, None)
+    meta["format_version"] = 2
+    old_of = {new: old for old, new in FORMAT2_ALIASES.items()}
+    meta["entry_points"] = sorted(old_of.get(name, name) for name in meta["entry_points"])
+    return json.dumps(meta, sort_keys=True)
+
+
+def write_old_format(potential, path: Path, format_version: int = 2,
+                     metadata_json: Optional[str] = None, validate_cell: bool = True,
+                     electron_check: bool = True) -> Path:
+    """``potential`` written as an exporter of format 1 or 2 wrote it: old entry-point names,
+    no declaration attributes (module or metadata), format 1 also without the halo entry
+    points; its own ``dtype``. ``metadata_json`` replaces the metadata record;
+    ``validate_cell=False`` / ``electron_check=False``: a file from before ``validate_cell``
+    / ``validate_electrons`` existed (see rename_in_code)."""
+    dtype = next(potential.parameters()).dtype
+    model = copy.deepcopy(potential).eval()
+    model.__class__ = _format_one_class() if format_version == 1 else _format_two_class()
+    model.format_version = format_version
+    model.metadata_json = metadata_json if metadata_json is not None else \
+        format_two_metadata(potential, dtype)
+    for name in DECLARATION:
+        delattr(model, name)
+    torch.jit.save(torch.jit.script(model), str(path),
+                   _extra_files={"metadata.json": model.metadata_json})
+    if not validate_cell:
+        rename_in_code(Path(path), "validate_cell", "xalidate_cell")
+    if not electron_check:
+        rename_in_code(Path(path), "validate_electrons", "xalidate_electrons")
+    return Path(path)
+
+
 def make_model_file(path: Path, dtype: torch.dtype = torch.float64, seed: int = 0,
-                    elements: Sequence[str] = ("H", "O"), format_version: int = 2,
+                    elements: Sequence[str] = ("H", "O"), format_version: int = 3,
                     size: str = "tiny", metadata_json: Optional[str] = None,
-                    electron_check: bool = True) -> Path:
+                    electron_check: bool = True, validate_cell: bool = True) -> Path:
     """THE one place that writes the TorchScript file the tests load (random ``tiny`` model:
-    2 layers x 4 Å cutoff = 8 Å receptive field). Format-2 files are written by the exporter
-    (``transip_md.export.export_potential``: the metadata record with the unit table in
-    ``metadata_json``, as users get them). Scripted by hand instead: ``format_version=1``
-    (a file as format 1 wrote it, no halo entry points), ``format_version=0`` (scripted but not
-    exported) and ``metadata_json`` (this record instead of the exporter's, e.g. one without
-    ``units.lammps_real``). ``electron_check=False``: the exporter's file without
-    ``validate_electrons`` (see _drop_electron_check)."""
+    2 layers x 4 Å cutoff = 8 Å receptive field; the same weights for the same ``seed``,
+    whatever the format). Format-3 files are written by the exporter
+    (``transip_md.export.export_potential``, as users get them). ``format_version`` 2 or 1,
+    ``metadata_json``, ``validate_cell=False`` or ``electron_check=False``: a file as the
+    exporter of format 2 (1) wrote it (write_old_format). ``format_version=0``: scripted but
+    not exported."""
     from ase.data import atomic_numbers
 
     from transip_md.export import export_potential
     from transip_md.model import TransIPPotential, named_config
 
     torch.manual_seed(seed)
-    cls = _format_one_class() if format_version == 1 else TransIPPotential
-    model = cls(named_config(size)).to(dtype)
+    model = TransIPPotential(named_config(size)).to(dtype)
     model.supported_elements[[atomic_numbers[s] for s in elements]] = True
-    if format_version == 2 and metadata_json is None:
+    old = metadata_json is not None or not electron_check or not validate_cell
+    if format_version == 3 and not old:
         export_potential(model, path, dtype=str(dtype).removeprefix("torch."))
-        if not electron_check:
-            _drop_electron_check(Path(path))
         return Path(path)
-    model.format_version = format_version
-    if metadata_json is not None:
-        model.metadata_json = metadata_json
-    torch.jit.save(torch.jit.script(model), str(path))
-    return Path(path)
+    if format_version == 0:
+        torch.jit.save(torch.jit.script(model), str(path))
+        return Path(path)
+    return write_old_format(model, Path(path), min(format_version, 2), metadata_json,
+                            validate_cell, electron_check)
 
 
 # ----------------------------------------------------------------------------- structures

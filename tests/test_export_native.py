@@ -6,6 +6,7 @@ inputs and bad model files end with a message and exit status 2.
 """
 
 import importlib.util
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -216,19 +217,117 @@ def test_input_errors(check_program, models, tmp_path):
 def test_model_file_errors(check_program, models, tmp_path):
     xyz = tmp_path / "water.xyz"
     write_xyz(xyz, molecule("H2O"))
-    expect_error(check_program, tmp_path / "missing.pt", xyz, contains=["not found", "missing.pt"])
+    expect_error(check_program, tmp_path / "missing.pt", xyz,
+                 contains=["cannot open model file", "missing.pt"])
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
-    expect_error(check_program, corrupt, xyz, contains=["cannot load", "corrupt.pt"])
+    expect_error(check_program, corrupt, xyz,
+                 contains=["corrupt.pt' is not a TorchScript archive", "truncated or corrupt"])
     # A scripted potential from a future exporter, and one never exported at all.
     scripted = torch.jit.script(TransIPPotential(named_config("tiny")).double())
     scripted.format_version = 99
     newer = tmp_path / "newer.pt"
     torch.jit.save(scripted, str(newer))
-    expect_error(check_program, newer, xyz, contains=["format version 99", "newer"])
+    expect_error(check_program, newer, xyz,
+                 contains=["format_version 99 but this transip_check reads format_version <= 3",
+                           "newer"])
     scripted.format_version = 0
     unexported = tmp_path / "unexported.pt"
     torch.jit.save(scripted, str(unexported))
-    expect_error(check_program, unexported, xyz, contains=["format version 0"])
+    expect_error(check_program, unexported, xyz, contains=["format_version 0", "not an exported"])
     expect_error(check_program, models["float64"], xyz, "--device", "gpu0",
                  contains=["--device"])
+
+
+# ----------------------------------------------------------------------------- the model door
+def _format_two(path, potential):
+    from lammps_helpers import write_old_format
+
+    return write_old_format(potential, path)
+
+
+def _edited(source, target, **attributes):
+    module = torch.jit.load(str(source))
+    for name, value in attributes.items():
+        setattr(module, name, value)
+    torch.jit.save(module, str(target))
+    return target
+
+
+def test_declaration_is_printed_and_format_two_files_load(check_program, models, tmp_path):
+    """Format 3: the declaration the file carries; format 2 (old entry-point names, no
+    declaration): probed by the same door, same numbers."""
+    from conftest import make_potential
+
+    xyz = tmp_path / "water.xyz"
+    write_xyz(xyz, molecule("H2O"))
+    new = run_check(check_program, models["float64"], xyz).stdout
+    assert "# declaration: format_version 3 (declared by the file)" in new
+    assert re.search(r"^# capabilities: .*\bcompute=1\b", new, re.MULTILINE), new
+    assert "# species: H C N O" in new
+    assert re.search(r"^# limits: .*cutoff=4 .*max_images=64", new, re.MULTILINE), new
+    old_path = _format_two(tmp_path / "format2.pt", make_potential())
+    old = run_check(check_program, old_path, xyz).stdout
+    assert "# declaration: format_version 2 (no declaration: probed; local_energies_forces = " \
+           "lammps(), mapped_energies_forces_virial = lammps_periodic())" in old
+    a, b = parse_output(new), parse_output(old)
+    assert a["energy"] == b["energy"]
+    np.testing.assert_array_equal(a["forces"], b["forces"])
+
+
+def test_declaration_refusals(check_program, models, tmp_path):
+    xyz = tmp_path / "water.xyz"
+    write_xyz(xyz, molecule("H2O"))
+    caps = dict(torch.jit.load(str(models["float64"])).capabilities)
+    del caps["compute"]
+    no_compute = _edited(models["float64"], tmp_path / "no_compute.pt", capabilities=caps)
+    expect_error(check_program, no_compute, xyz,
+                 contains=[("no_compute.pt' does not provide compute (needed by transip_check; "
+                            "the file has model format 3); re-export it with this transip-md: "
+                            "python -m transip_md.export <checkpoint> no_compute.pt")])
+    ops = _edited(models["float64"], tmp_path / "ops.pt", operator_library="transip_fast_ops")
+    expect_error(check_program, ops, xyz,
+                 contains=[("ops.pt' needs the operator library 'transip_fast_ops', which is "
+                            "not loaded in transip_check")])
+
+
+def test_model_rules_and_atom_rows(check_program, models, tmp_path):
+    """The model's own rules run before compute (the electron count: the same words as in
+    Python); errors about atoms name their lines in the input instead of model rows."""
+    from transip_md.calculator import TransIPCalculator
+
+    water = tmp_path / "water.xyz"
+    write_xyz(water, molecule("H2O"))
+    atoms = molecule("H2O")
+    atoms.info["spin"] = 2
+    atoms.calc = TransIPCalculator(str(models["float64"]))
+    with pytest.raises(ValueError) as python_error:
+        atoms.get_potential_energy()
+    message = expect_error(check_program, models["float64"], water, "--spin", 2,
+                           contains=["model error",
+                                     "multiplicity 2 is impossible for 10 electrons"])
+    assert str(python_error.value) in message
+    overlap = tmp_path / "overlap.xyz"
+    overlap.write_text("3\n\nO 0 0 0\nH 0.0005 0 0\nH 0 0.97 0\n")
+    message = expect_error(check_program, models["float64"], overlap,
+                           contains=["are at the same position"])
+    assert "[atom rows:" not in message
+    assert "[" + str(overlap) + ": atom 0 on line 3, atom 1 on line 4]" in message \
+        or "[" + str(overlap) + ": atom 1 on line 4, atom 0 on line 3]" in message
+
+
+def test_other_torch_major_version_warns(check_program, models, tmp_path):
+    """A file exported with another torch major version still runs; the door warns once."""
+    import json
+
+    meta = json.loads(torch.jit.load(str(models["float64"])).metadata_json)
+    meta["torch_version"] = "1.13.1"
+    older = _edited(models["float64"], tmp_path / "torch1.pt", metadata_json=json.dumps(meta))
+    xyz = tmp_path / "water.xyz"
+    write_xyz(xyz, molecule("H2O"))
+    proc = run_check(check_program, older, xyz)
+    warnings = [ln for ln in proc.stderr.splitlines() if "warning" in ln]
+    assert len(warnings) == 1, proc.stderr
+    assert f"torch1.pt' was exported with torch 1.13.1, transip_check runs libtorch " \
+           f"{torch.__version__.split('+')[0]} (another major version)" in warnings[0]
+    assert "energy" in parse_output(proc.stdout)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ase import Atoms
 
 pytest.importorskip("lammps")
 
@@ -198,6 +199,29 @@ def test_packaged_sources_link():
     assert (src / "pair_transip.cpp").is_file()
     packaged = Path(build_mod.__file__).parent / "plugin_src"
     assert packaged.is_symlink() and os.readlink(packaged) == "../../lammps_examples/plugin"
+    # every .cpp file is compiled, and the list of the plugin's files is complete
+    assert sorted(p.name for p in build_mod.source_files(src)) == sorted(build_mod.SOURCES)
+    assert sorted(p.name for p in src.glob("*.h")) == sorted(build_mod.HEADERS)
+    assert set(build_mod.DOOR_SOURCES) <= set(build_mod.SOURCES)
+
+
+def test_one_libtorch_recipe_for_plugin_and_check_program():
+    """The plugin's builder and export/check/build.py take the libtorch flags from one
+    function (transip_md.lammps.build.libtorch_flags)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "export" / "check" / "build.py"
+    spec = importlib.util.spec_from_file_location("transip_check_build", script)
+    check_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_build)
+    compile_flags, link_flags = build_mod.libtorch_flags(build_mod.find_libtorch())
+    cmd = check_build.compile_command("/tmp/transip_check")
+    assert cmd[1:1 + len(compile_flags)] == compile_flags
+    assert cmd[-len(link_flags):] == link_flags
+    assert str(build_mod.plugin_sources() / "transip_model.cpp") in cmd
+    plugin_flags = build_mod._compile_flags(build_mod.toolchain())
+    assert plugin_flags[:len(compile_flags)] == compile_flags
+    assert build_mod._link_flags(build_mod.toolchain())[1:] == link_flags
 
 
 # ----------------------------------------------------------------------------- physics, serial
@@ -212,7 +236,7 @@ def test_periodic_water_matches_model(plugin, water_data, model64, scripted, gho
 
 
 def halo_by_hand(model, positions, numbers, owner_rank, reach):
-    """export/CONTRACT.md 3.6 in plain Python, for a molecule in vacuum split over ranks:
+    """export/CONTRACT.md 4.6 in plain Python, for a molecule in vacuum split over ranks:
     rank r owns the atoms with ``owner_rank == r`` and keeps as ghosts the other atoms within
     ``reach`` of them. Returns the total energy and the forces (eV/Å) on all atoms."""
     n = len(numbers)
@@ -882,6 +906,21 @@ run 0
 """
 
 
+def edit_declaration(source: Path, target: Path, drop_capability: str = "",
+                     operator_library: str = "") -> Path:
+    """A copy of an exported file with its declaration edited (the typed attributes the C++
+    door reads): one capability taken out, or an operator library asked for."""
+    module = torch.jit.load(str(source))
+    if drop_capability:
+        caps = dict(module.capabilities)
+        del caps[drop_capability]
+        module.capabilities = caps
+    if operator_library:
+        module.operator_library = operator_library
+    torch.jit.save(module, str(target))
+    return target
+
+
 def _error_cases(workdir, model64):
     corrupt = workdir / "corrupt.pt"
     corrupt.write_bytes(model64.read_bytes()[:5000])  # truncated zip archive
@@ -900,6 +939,12 @@ def _error_cases(workdir, model64):
         make_model_file(no_units, metadata_json="{}")
     not_zip = workdir / "notes.pt"
     not_zip.write_text("this is not a model\n")
+    no_local = workdir / "model64_no_local_entry.pt"
+    if not no_local.exists():
+        edit_declaration(model64, no_local, drop_capability="local_energies_forces")
+    needs_ops = workdir / "model64_needs_ops.pt"
+    if not needs_ops.exists():
+        edit_declaration(model64, needs_ops, operator_library="transip_fast_ops")
     state_dict = workdir / "state_dict.pt"
     torch.save({"w": torch.zeros(3)}, state_dict)
     return {
@@ -937,6 +982,15 @@ def _error_cases(workdir, model64):
                                       r"points.*format_version 1"),
         "bad ghosts value": (dict(style="ghosts thick"),
                              r"ghosts must be auto, map, halo or shell, got 'thick'"),
+        "missing capability": (dict(model=no_local),
+                               r"pair_coeff for transip: '.*model64_no_local_entry\.pt' does not "
+                               r"provide local_energies_forces \(needed by pair_style transip; "
+                               r"the file has model format 3\); re-export it with this "
+                               r"transip-md: python -m transip_md\.export <checkpoint> "
+                               r"model64_no_local_entry\.pt"),
+        "operator library not loaded": (dict(model=needs_ops),
+                                        r"model64_needs_ops\.pt' needs the operator library "
+                                        r"'transip_fast_ops', which is not loaded"),
     }
 
 
@@ -947,7 +1001,8 @@ def _error_cases(workdir, model64):
                                   "units lj", "units real, no unit metadata", "newton off",
                                   "no cuda",
                                   "charge out of range", "halo without entry points",
-                                  "bad ghosts value"])
+                                  "bad ghosts value", "missing capability",
+                                  "operator library not loaded"])
 def test_error_messages(plugin, workdir, water_data, model64, case):
     if case == "no cuda" and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
@@ -963,6 +1018,106 @@ def test_error_messages(plugin, workdir, water_data, model64, case):
     error_lines = [ln for ln in text.splitlines() if ln.startswith("ERROR")]
     assert error_lines, text[-2000:]
     assert re.search(pattern, error_lines[0]), error_lines[0]
+
+
+# ----------------------------------------------------------------------------- the model door
+@pytest.mark.parametrize("ghosts", ["map", "halo", "shell"])
+def test_format_two_file_runs_like_format_three(plugin, workdir, water_data, model64, ghosts):
+    """A file as the format-2 exporter wrote it (entry points lammps / lammps_periodic, no
+    declaration attributes) loads through the door's fallback and gives the energies and
+    forces of the format-3 file with the same weights, in every ghost mode."""
+    old = workdir / "model64_format2.pt"
+    if not old.exists():
+        make_model_file(old, torch.float64, format_version=2)
+    module = torch.jit.load(str(old))
+    assert module.format_version == 2 and not hasattr(module, "capabilities")
+    assert module._c._has_method("lammps") and not module._c._has_method("local_energies_forces")
+    a = run0_inprocess(plugin, water_data, old, style_args=f"ghosts {ghosts}")
+    b = run0_inprocess(plugin, water_data, model64, style_args=f"ghosts {ghosts}")
+    assert abs(a["pe"] - b["pe"]) <= 1e-12 * abs(b["pe"])
+    assert np.max(np.abs(a["f"] - b["f"])) <= 1e-12
+    assert rel_err(a["virial"], b["virial"]) <= 1e-12
+    assert rel_err(a["peatom"], b["peatom"]) <= 1e-12
+
+
+def test_format_two_file_declaration_is_logged(plugin, workdir, water_data, model64):
+    """The log says how the file was read: declared (format 3) or probed, with the old names
+    mapped (format 2)."""
+    old = workdir / "model64_format2.pt"
+    if not old.exists():
+        make_model_file(old, torch.float64, format_version=2)
+    outputs = {}
+    for label, model in (("3", model64), ("2", old)):
+        out = run_lmp(CHECK_DECK.format(data=water_data, plugin=plugin, model=model,
+                                        symbols="O H", style="", pre=""),
+                      workdir, name=f"in.declaration_{label}")
+        assert out.returncode == 0, out.stdout[-3000:]
+        outputs[label] = out.stdout
+    assert "declaration: format_version 3 (declared by the file)" in outputs["3"]
+    assert "declaration: format_version 2 (no declaration: probed; local_energies_forces = " \
+           "lammps(), mapped_energies_forces_virial = lammps_periodic())" in outputs["2"]
+    for text in outputs.values():
+        assert re.search(r"capabilities: .*local_energies_forces=1", text)
+        assert "species: H O" in text
+
+
+@pytest.mark.parametrize("ghosts", ["map", "halo", "shell"])
+def test_overlapping_atoms_name_lammps_ids(plugin, workdir, model64, ghosts):
+    """The model's error names rows of its input in the suffix " [atom rows: i j]"; the plugin
+    replaces it by the LAMMPS atom IDs of those rows (72 and 20 here), whatever the ghost
+    mode numbers its rows."""
+    overlap = workdir / "overlap_ids.data"
+    atoms = water.water_cluster(2, vacuum=30.0, seed=6)
+    atoms.positions[4] = atoms.positions[0] + [0.001, 0.0, 0.0]  # an H on top of an O
+    water.write_lammps_data(overlap, atoms, ids=[72, 59, 46, 33, 20, 7])
+    out = run_lmp(ERROR_DECK.format(units="metal", newton="on", boundary="f f f", data=overlap,
+                                    plugin=plugin, style=f"ghosts {ghosts}", model=model64,
+                                    symbols="O H"),
+                  workdir, name=f"in.overlap_{ghosts}")
+    assert out.returncode > 0, out.stdout[-3000:]
+    error = next(ln for ln in out.stdout.splitlines() if ln.startswith("ERROR"))
+    assert "are at the same position" in error, error
+    ids = sorted(int(v) for v in re.findall(r"= atom ID (\d+)", error))
+    assert ids == [20, 72], error
+    assert "[atom rows:" not in error, error
+
+
+def _thin_box_data(workdir):
+    atoms = Atoms("OH", positions=[[0.01, 1.0, 1.0], [0.02, 4.0, 4.0]], cell=[0.05, 10.0, 10.0],
+                  pbc=True)
+    return atoms, water.write_lammps_data(workdir / "thin.data", atoms)
+
+
+def test_too_thin_box_same_words_as_python(plugin, workdir, model64, scripted):
+    """The box rule is the model's validate_cell, called with LAMMPS' box: the same words as
+    the Python engines (ASE calculator)."""
+    from transip_md.calculator import TransIPCalculator
+
+    atoms, data = _thin_box_data(workdir)
+    atoms.calc = TransIPCalculator(str(model64))
+    with pytest.raises(ValueError, match="too thin along axis 0") as python_error:
+        atoms.get_potential_energy()
+    out = run_lmp(ERROR_DECK.format(units="metal", newton="on", boundary="p p p", data=data,
+                                    plugin=plugin, style="", model=model64, symbols="O H"),
+                  workdir, name="in.thin_box")
+    assert out.returncode > 0, out.stdout[-3000:]
+    error = next(ln for ln in out.stdout.splitlines() if ln.startswith("ERROR"))
+    assert "the model refuses the periodic box (0.05 x 10 x 10 Å)" in error, error
+    assert str(python_error.value) in error, (str(python_error.value), error)
+
+
+def test_too_thin_box_without_validate_cell(plugin, workdir):
+    """A format-2 file from before validate_cell: the plugin's own images rule (64)."""
+    old = make_model_file(workdir / "model64_no_validate_cell.pt", validate_cell=False)
+    assert not torch.jit.load(str(old))._c._has_method("validate_cell")
+    _, data = _thin_box_data(workdir)
+    out = run_lmp(ERROR_DECK.format(units="metal", newton="on", boundary="p p p", data=data,
+                                    plugin=plugin, style="", model=old, symbols="O H"),
+                  workdir, name="in.thin_box_old")
+    assert out.returncode > 0, out.stdout[-3000:]
+    error = next(ln for ln in out.stdout.splitlines() if ln.startswith("ERROR"))
+    assert re.search(r"too thin along x: 0\.05 Å between faces for a model cutoff of 4 Å "
+                     r"\(more than 64 periodic images per axis\)", error), error
 
 
 # ----------------------------------------------------------------------------- example decks

@@ -2,11 +2,13 @@
 
     python export/check/build.py [OUT_DIR]          # default OUT_DIR: export/check/build
 
-CMake's ``find_package(Torch)`` refuses the CUDA wheels of torch on a machine without a CUDA
-toolkit, so this calls g++ directly with torch's own include and library directories (see
-export/README.md; ``CMakeLists.txt`` beside this file is for a CPU libtorch or a CUDA toolkit).
-Linking ``libtorch.so`` with ``--no-as-needed`` keeps its CUDA half (when the wheel has one), so
-``--device cuda`` works where a GPU is present.
+The program is ``transip_check.cpp`` plus the model door it shares with the LAMMPS plugin
+(``transip_model.cpp``/``.h`` in ``lammps_examples/plugin``, packaged as
+``transip_md/lammps/plugin_src``). The libtorch compile and link flags are the plugin's own:
+:func:`transip_md.lammps.build.libtorch_flags`, one recipe for every C++ program of
+transip-md. CMake's ``find_package(Torch)`` refuses the CUDA wheels of torch on a machine
+without a CUDA toolkit, so this calls g++ directly (``CMakeLists.txt`` beside this file is for
+a CPU libtorch or a CUDA toolkit; see export/README.md).
 """
 
 import os
@@ -20,24 +22,24 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "transip_check.cpp"
 PROGRAM = "transip_check"
 
+try:
+    from transip_md.lammps import build as _recipe
+except ImportError:  # run from a checkout without transip-md installed
+    sys.path.insert(0, str(HERE.parents[1]))
+    from transip_md.lammps import build as _recipe
+
+
+def door_directory() -> Path:
+    """Where the shared model door (transip_model.h/.cpp) lives."""
+    return _recipe.plugin_sources()
+
 
 def compile_command(out_path: Union[str, os.PathLike], compiler: str = "g++") -> List[str]:
-    import logging
-
-    import torch
-
-    # Importing cpp_extension warns "No CUDA runtime is found" on CPU machines; irrelevant here.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils import cpp_extension
-
-    abi = int(bool(torch._C._GLIBCXX_USE_CXX11_ABI))
-    cmd = [compiler, "-std=c++17", "-O2", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-    cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
-    cmd += [str(SOURCE), "-o", str(out_path)]
-    for lib in cpp_extension.library_paths():
-        cmd += [f"-L{lib}", f"-Wl,-rpath,{lib}"]
-    cmd += ["-Wl,--no-as-needed", "-ltorch", "-ltorch_cpu", "-lc10", "-Wl,--as-needed"]
-    return cmd
+    """The g++ command line that compiles and links ``transip_check`` into ``out_path``."""
+    compile_flags, link_flags = _recipe.libtorch_flags(_recipe.find_libtorch())
+    door = door_directory()
+    sources = [str(SOURCE)] + [str(door / name) for name in _recipe.DOOR_SOURCES]
+    return [compiler, *compile_flags, f"-I{door}", *sources, "-o", str(out_path), *link_flags]
 
 
 def build_check_program(out_dir: Union[str, os.PathLike], compiler: str = "g++") -> Path:

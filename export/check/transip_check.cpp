@@ -11,10 +11,19 @@
 // spin multiplicity; the command-line options win). Only the first frame is read.
 //
 // Output on stdout, one "key value" per line ('#' lines are comments), numbers with %.17g:
+//   # the file's declaration (format version, capabilities, species, limits, unit factors)
 //   natoms N / charge Q / spin M / periodic 0|1 / energy E (eV)
 //   forces N, then N lines "fx fy fz" (eV/Å)
 //   stress 3, then 3 lines (eV/Å^3, periodic systems only)
 // Any error: one message on stderr, exit status 2. See export/README.md.
+//
+// The model file is read through the door shared with the LAMMPS plugin (transip_model.h in
+// lammps_examples/plugin): format version, declaration (or the probe of format <= 2 files),
+// the compute capability, the element table, and the model's error messages. Before compute
+// the model's own input rules run: validate (elements, charge and multiplicity ranges) and
+// validate_electrons (the electron count of the whole structure), as in every other engine.
+
+#include "transip_model.h"
 
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
@@ -34,23 +43,12 @@
 #include <string>
 #include <vector>
 
-#include <sys/stat.h>
 
 namespace {
 
-// Highest model format version this program understands (export/CONTRACT.md).
-constexpr int64_t kMaxFormatVersion = 2;  // 2: halo_* entry points added (LAMMPS)
-
-// Symbols of Z = 1..83 (H..Bi), the range of the model's element embedding.
-const char* const kSymbols[] = {
-    "H",  "He", "Li", "Be", "B",  "C",  "N",  "O",  "F",  "Ne", "Na", "Mg", "Al", "Si",
-    "P",  "S",  "Cl", "Ar", "K",  "Ca", "Sc", "Ti", "V",  "Cr", "Mn", "Fe", "Co", "Ni",
-    "Cu", "Zn", "Ga", "Ge", "As", "Se", "Br", "Kr", "Rb", "Sr", "Y",  "Zr", "Nb", "Mo",
-    "Tc", "Ru", "Rh", "Pd", "Ag", "Cd", "In", "Sn", "Sb", "Te", "I",  "Xe", "Cs", "Ba",
-    "La", "Ce", "Pr", "Nd", "Pm", "Sm", "Eu", "Gd", "Tb", "Dy", "Ho", "Er", "Tm", "Yb",
-    "Lu", "Hf", "Ta", "W",  "Re", "Os", "Ir", "Pt", "Au", "Hg", "Tl", "Pb", "Bi"};
-constexpr int kNumSymbols = sizeof(kSymbols) / sizeof(kSymbols[0]);
-static_assert(kNumSymbols == 83, "element table must cover Z = 1..83");
+// How messages of the model door name this program.
+const transip::Reader kReader{"transip_check", "this transip_check",
+                              "python export/check/build.py"};
 
 // Every failure the user should see becomes one of these; main() prints it and exits 2.
 struct UserError : std::runtime_error {
@@ -119,15 +117,12 @@ bool parse_int(const std::string& s, int64_t* out) {
   return true;
 }
 
-// Atomic number of a symbol ("C", "Cl"; case-insensitive) or of a plain number ("6"); 0 if unknown.
+// Atomic number of a symbol ("C", "Cl"; case-insensitive) or of a plain number ("6"); 0 if
+// unknown. Which elements a model supports is the model's own rule (validate).
 int64_t atomic_number(const std::string& token) {
   int64_t z = 0;
-  if (parse_int(token, &z)) return (z >= 1 && z <= kNumSymbols) ? z : 0;
-  std::string want = lower(token);
-  for (int k = 0; k < kNumSymbols; ++k) {
-    if (lower(kSymbols[k]) == want) return k + 1;
-  }
-  return 0;
+  if (parse_int(token, &z)) return (z >= 1 && z <= transip::kMaxAtomicNumber) ? z : 0;
+  return transip::atomic_number_any_case(token);
 }
 
 // key=value pairs of an extended-xyz comment line; values may be "double quoted".
@@ -242,7 +237,7 @@ Structure read_xyz(const std::string& path) {
     int64_t z = atomic_number(t[0]);
     if (z == 0) {
       throw UserError(where(line_no) + "unknown element symbol '" + t[0] +
-                      "' (known: H..Bi, Z = 1..83)");
+                      "' (known: H..Og, Z = 1..118)");
     }
     s.numbers.push_back(z);
     s.positions.insert(s.positions.end(), xyz, xyz + 3);
@@ -302,38 +297,6 @@ Options parse_args(int argc, char** argv) {
   return o;
 }
 
-// The message of a libtorch exception without its C++ backtrace.
-std::string torch_message(const std::exception& e) {
-  if (auto* c10e = dynamic_cast<const c10::Error*>(&e)) return c10e->what_without_backtrace();
-  return e.what();
-}
-
-std::vector<std::string> nonempty_lines(const std::string& text) {
-  std::vector<std::string> lines;
-  std::istringstream in(text);
-  std::string line;
-  while (std::getline(in, line)) {
-    line = trim(line);
-    if (!line.empty()) lines.push_back(line);
-  }
-  return lines;
-}
-
-// A TorchScript error ends with "builtins.ValueError: <what went wrong>": keep that line.
-std::string last_line(const std::string& text) {
-  auto lines = nonempty_lines(text);
-  if (lines.empty()) return "unknown error";
-  std::string l = lines.back();
-  const std::string prefix = "builtins.";
-  if (l.rfind(prefix, 0) == 0) l = l.substr(prefix.size());
-  return l;
-}
-
-std::string first_line(const std::string& text) {
-  auto lines = nonempty_lines(text);
-  return lines.empty() ? "unknown error" : lines.front();
-}
-
 void print_row(const double* v, int n) {
   for (int k = 0; k < n; ++k) std::printf(k ? " %.17g" : "%.17g", v[k]);
   std::printf("\n");
@@ -364,43 +327,32 @@ int parse_only(const Options& o) {
   return 0;
 }
 
-torch::jit::Module load_model(const std::string& path, const torch::Device& device) {
-  struct stat st {};
-  if (stat(path.c_str(), &st) != 0) throw UserError("model file not found: '" + path + "'");
-  if (S_ISDIR(st.st_mode)) throw UserError("model path '" + path + "' is a directory, not a file");
-  {
-    std::ifstream probe(path, std::ios::binary);
-    if (!probe) throw UserError("model file '" + path + "' is not readable");
-  }
-  torch::jit::Module module;
+// The model file through the door; every refusal becomes a one-line UserError.
+transip::Model load_model(const std::string& path, const torch::Device& device) {
   try {
-    module = torch::jit::load(path, device);
+    transip::Model model = transip::Model::load(path, device, kReader);
+    model.require({"compute"}, "transip_check");
+    return model;
+  } catch (const transip::ModelFileError& e) {
+    throw UserError(e.what());
+  }
+}
+
+// Runs a model method; an error it raises becomes "model error: <its last line>", with the
+// atoms it names (rows of the input) given as lines of the xyz file.
+template <typename Fn>
+c10::IValue run_model(Fn&& fn, const std::string& xyz_path) {
+  try {
+    return fn();
   } catch (const std::exception& e) {
-    std::string why = first_line(torch_message(e));
-    std::string hint = why.find("constants.pkl") != std::string::npos
-                           ? " (a training checkpoint? export it first: python -m transip_md.export)"
-                           : " (corrupt, truncated, or not an exported transip-md file?)";
-    throw UserError("cannot load '" + path + "' as a TorchScript model: " + why + hint);
+    transip::ModelMessage why = transip::translate_model_error(e);
+    std::string where;
+    for (int64_t row : why.rows)  // line 1: count, line 2: comment, then one atom per line
+      where += (where.empty() ? "" : ", ") + std::string("atom ") + std::to_string(row) +
+               " on line " + std::to_string(row + 3);
+    throw UserError("model error: " + why.text +
+                    (where.empty() ? std::string() : " [" + xyz_path + ": " + where + "]"));
   }
-  if (!module.hasattr("format_version") || !module.attr("format_version").isInt()) {
-    throw UserError("'" + path + "' is a TorchScript file but not an exported transip-md model "
-                    "(no integer attribute format_version)");
-  }
-  int64_t version = module.attr("format_version").toInt();
-  if (version > kMaxFormatVersion) {
-    throw UserError("'" + path + "' has model format version " + std::to_string(version) +
-                    ", newer than this transip_check reads (<= " + std::to_string(kMaxFormatVersion) +
-                    "); rebuild transip_check from a newer transip-md");
-  }
-  if (version < 1) {
-    throw UserError("'" + path + "' has format version " + std::to_string(version) +
-                    ": a scripted model that was not written by the transip-md exporter");
-  }
-  if (!module.find_method("compute")) {
-    throw UserError("'" + path + "' has no compute() method; not an exported transip-md model");
-  }
-  module.eval();
-  return module;
 }
 
 const char* dtype_name(torch::ScalarType t) {
@@ -409,13 +361,6 @@ const char* dtype_name(torch::ScalarType t) {
     case torch::kFloat32: return "float32";
     default: return c10::toString(t);
   }
-}
-
-torch::ScalarType model_dtype(const torch::jit::Module& module) {
-  for (const auto& p : module.parameters()) {
-    if (p.is_floating_point()) return p.scalar_type();
-  }
-  return torch::kFloat32;
 }
 
 int run(const Options& o) {
@@ -433,8 +378,10 @@ int run(const Options& o) {
   // Read the input before the (slower) model load, so input mistakes are reported at once.
   Structure s = read_xyz(o.xyz_path);
   finish_inputs(o, &s);
-  torch::jit::Module module = load_model(o.model_path, device);
-  torch::ScalarType dtype = model_dtype(module);
+  transip::Model model = load_model(o.model_path, device);
+  for (const std::string& warning : model.warnings())
+    std::fprintf(stderr, "transip_check: warning: %s\n", warning.c_str());
+  torch::ScalarType dtype = model.dtype();
 
   const int64_t n = static_cast<int64_t>(s.numbers.size());
   auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
@@ -448,22 +395,32 @@ int run(const Options& o) {
   torch::Tensor spin = torch::scalar_tensor(s.spin, torch::kInt64);
   const bool periodic = s.pbc[0] || s.pbc[1] || s.pbc[2];
 
-  c10::IValue result;
-  try {
-    result = module.get_method("compute")(
-        {positions, numbers, cell, pbc, charge, spin, /*compute_forces=*/true,
-         /*compute_stress=*/periodic});
-  } catch (const std::exception& e) {
-    throw UserError("model error: " + last_line(torch_message(e)));
+  // The model's rules for the whole structure first (compute checks the cell itself).
+  if (model.offers("validate")) {
+    run_model([&] { return model.method("validate")({positions, numbers, charge, spin}); },
+              o.xyz_path);
   }
+  if (model.offers("validate_electrons")) {
+    int64_t total_z = 0;
+    for (int64_t z : s.numbers) total_z += z;
+    run_model([&] {
+      return model.method("validate_electrons")({total_z, s.charge, s.spin, n});
+    }, o.xyz_path);
+  }
+  c10::IValue result = run_model([&] {
+    return model.method("compute")({positions, numbers, cell, pbc, charge, spin,
+                                    /*compute_forces=*/true, /*compute_stress=*/periodic});
+  }, o.xyz_path);
   auto out = result.toGenericDict();
   auto get = [&](const char* key) {
     return out.at(key).toTensor().detach().to(torch::kCPU, torch::kFloat64).contiguous();
   };
 
   std::printf("# transip_check model=%s format_version=%lld dtype=%s device=%s\n",
-              o.model_path.c_str(), static_cast<long long>(module.attr("format_version").toInt()),
+              o.model_path.c_str(), static_cast<long long>(model.format_version()),
               dtype_name(dtype), device.str().c_str());
+  std::istringstream declaration(model.describe());
+  for (std::string line; std::getline(declaration, line);) std::printf("# %s\n", line.c_str());
   std::printf("natoms %lld\ncharge %lld\nspin %lld\nperiodic %d\n", static_cast<long long>(n),
               static_cast<long long>(s.charge), static_cast<long long>(s.spin), periodic ? 1 : 0);
   std::printf("energy %.17g\n", get("energy").item<double>());
@@ -489,7 +446,8 @@ int main(int argc, char** argv) {
   } catch (const UserError& e) {
     std::fprintf(stderr, "transip_check: error: %s\n", e.what());
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "transip_check: error: %s\n", last_line(torch_message(e)).c_str());
+    std::fprintf(stderr, "transip_check: error: %s\n",
+                 transip::last_line_of(transip::error_text(e)).c_str());
   }
   return 2;
 }

@@ -15,12 +15,23 @@
                         [check_masses yes|no]
      pair_coeff * * model.pt O H                    (one element symbol per
                                                      atom type, NULL = skip)
+
+   Source files:
+     pair_transip.cpp        the pair-style methods (settings, coeff, init_style,
+                             init_one, compute) and the checks of the input
+     pair_transip_rows.cpp   the model's input rows and edges (one builder for
+                             every ghost mode) and the one scatter of its results
+     pair_transip_halo.cpp   the per-layer halo exchange (ghosts halo)
+     transip_model.h/.cpp    the door to the model file, shared with
+                             export/check/transip_check (namespace transip)
 ------------------------------------------------------------------------- */
 
 #ifndef LMP_PAIR_TRANSIP_H
 #define LMP_PAIR_TRANSIP_H
 
 #include "pair.h"
+
+#include "transip_model.h"
 
 #include <torch/script.h>
 
@@ -48,10 +59,6 @@ class PairTransIP : public Pair {
   int pack_reverse_comm(int, int, double *) override;
   void unpack_reverse_comm(int, int *, double *) override;
 
-  // Highest file format version (the model's `format_version`) this build reads.
-  // 2 added the halo entry points; format-1 files still load (multi-rank: ghost shell).
-  static constexpr int SUPPORTED_FORMAT_VERSION = 2;
-
   enum GhostMode { GHOSTS_SHELL, GHOSTS_MAP, GHOSTS_HALO };
 
  protected:
@@ -64,8 +71,6 @@ class PairTransIP : public Pair {
   bool recompute;                // halo: keep one layer's autograd graph at a time
   std::string ghost_request;     // "auto", "map", "halo" or "shell"
   GhostMode ghost_mode;          // this run's mode (decided in init_style)
-  bool has_periodic_entry;       // the model file provides lammps_periodic()
-  bool has_halo_entry;           // the model file provides the halo_* methods
   int64_t feature_width;         // W, features per atom exchanged between layers
   double cutghost_before;        // comm->cutghostuser before shell mode raised it
   double cutghost_raised;        // the value shell mode set (0: none)
@@ -74,11 +79,11 @@ class PairTransIP : public Pair {
   // ---- units: the model works in eV and Å; LAMMPS energies are eV (metal) or kcal/mol (real).
   // Energies, forces and the virial are multiplied by energy_unit on the way out, nothing else.
   double energy_unit;            // LAMMPS energy unit per eV (1 for metal)
-  double kcal_per_mol_per_ev;    // from the model file's metadata (0: not there)
-  std::string kcal_source;       // which metadata entry it came from
+  double kcal_per_mol_per_ev;    // from the model file's declaration (0: not there)
+  std::string kcal_source;       // where in the file it came from
 
-  // ---- model (valid after pair_coeff)
-  std::unique_ptr<torch::jit::Module> model;
+  // ---- model (valid after pair_coeff), read through the door (transip_model.h)
+  std::unique_ptr<transip::Model> model;
   std::string model_path;
   torch::Device device;
   torch::Dtype model_dtype;
@@ -87,7 +92,6 @@ class PairTransIP : public Pair {
   int64_t num_layers;
   int64_t format_version;
   std::vector<std::string> model_elements;
-  bool has_electron_check;         // the model file provides validate_electrons()
   bool electron_warning_given;     // the "predates the electron-count check" warning
   std::vector<std::string> mass_warnings_given;    // each one once
 
@@ -95,24 +99,24 @@ class PairTransIP : public Pair {
   std::vector<int64_t> type_to_z;
   std::vector<std::string> type_symbol;
 
-  // ---- per-step scratch, kept to avoid reallocations
-  std::vector<int> atom_to_row;        // LAMMPS index -> model row (-1: skipped)
+  // ---- the model's input, rebuilt every step by build_rows() (pair_transip_rows.cpp)
+  std::vector<int> atom_to_row;        // LAMMPS index -> model row (-1: not a row)
   std::vector<int> row_to_atom;        // model row -> LAMMPS index
+  int64_t nlocal_rows;                 // rows of owned atoms (ghost rows follow them)
   std::vector<double> pos_buf;         // [rows, 3]
   std::vector<int64_t> z_buf;          // [rows]
   std::vector<int64_t> edge_i_buf, edge_j_buf;
-  std::vector<double> shift_buf;       // [edges, 3] image - owner (owner-mapped mode)
-  std::vector<int> tag_to_local;       // atom ID -> owned index (owner-mapped mode)
-  std::vector<int> hops;               // graph distance (in edges) from owned atoms
+  std::vector<double> shift_buf;       // [edges, 3] image - owner (map mode)
+  std::vector<int> tag_to_local;       // atom ID -> owned index (map mode)
+  std::vector<int> hops;               // graph distance (in edges) from owned atoms (shell)
   std::vector<int> frontier, next_frontier;
   std::vector<char> centre_in_list;    // atom has a neighbour row in the list
   bool report_load;                    // log ghost/local counts at the next compute
 
-  // ---- halo exchange (compute_halo): only the rows LAMMPS communicates cross between the
-  // model's device and the host; host blocks are pinned when the device is CUDA, hold the
-  // model's dtype (float64, else float32) and are kept between steps
+  // ---- halo exchange (pair_transip_halo.cpp): only the rows LAMMPS communicates cross
+  // between the model's device and the host; host blocks are pinned when the device is CUDA,
+  // hold the model's dtype (float64, else float32) and are kept between steps
   torch::Dtype halo_dtype;             // dtype of the feature blocks on the host
-  int64_t halo_nlocal_rows;            // model rows of owned atoms (ghost rows follow)
   torch::Tensor halo_out;              // the owned rows being sent (model device), while sending
   torch::Tensor halo_all_local;        // host copy of all of halo_out, made only when needed
   torch::Tensor border_feat;           // host [border rows, W]: owned rows LAMMPS sends
@@ -128,14 +132,33 @@ class PairTransIP : public Pair {
   bigint border_ncalls;                // neighbor->ncalls when border_atoms was started
   int border_nlocal, border_nghost;    // atom counts then
 
+  // pair_transip.cpp
+  void allocate();
+  void select_device();
+  void load_model(const std::string &path);
+  void all_agree_or_fail(const std::string &local_error);
+  bool has_halo_entries() const;
   bool can_prune() const;
-  void compute_owner_mapped();
-  void report_model_load(int64_t nlocal_rows, int64_t nrows, int64_t nedges, const char *note);
+  void check_units_style(const char *where);
+  void set_energy_unit();
+  void check_box();
+  void check_type_masses();
+  void check_electron_count();
+  void evaluate_model();
+  std::string atom_ids_of_rows(const std::vector<int64_t> &rows) const;
+  [[noreturn]] void model_failed(const transip::ModelMessage &why);
+
+  // pair_transip_rows.cpp
+  void build_rows();
+  void mark_reachable();
+  void report_model_load(int64_t nedges);
   struct ModelInputs {
     torch::Tensor pos, numbers, edge_i, edge_j, charge, spin;
   };
-  ModelInputs model_inputs(int64_t nrows, int64_t nedges);
-  void add_model_results(const double *fr, int64_t nrows, const double *er, int64_t nlocal_rows);
+  ModelInputs model_inputs();
+  void add_model_results(const double *fr, const double *er, const double *model_virial);
+
+  // pair_transip_halo.cpp
   void compute_halo();
   torch::Tensor host_rows(torch::Tensor &block, int64_t rows, torch::Dtype dtype);
   void index_border_atoms();
@@ -144,20 +167,7 @@ class PairTransIP : public Pair {
   void send_features(const torch::Tensor &out_l);
   torch::Tensor ghost_rows_to_device();
   torch::Tensor return_ghost_gradients(const torch::Tensor &g_h);
-  void check_box();
-  void check_units_style(const char *where);
-  void read_unit_conversion();
-  void set_energy_unit();
-  void check_type_masses();
-  void check_electron_count();
-  std::string model_refusal(const std::string &method, std::vector<c10::IValue> args);
-  std::string archive_problem(const std::string &path);
-  void allocate();
-  void load_model(const std::string &path);
-  void select_device();
-  void all_agree_or_fail(const std::string &local_error);
-  std::string rows_to_ids(const std::string &message) const;
-  [[noreturn]] void model_failed(const std::string &what);
+  [[noreturn]] void exchange_failed(const std::exception &e);
 };
 
 }    // namespace LAMMPS_NS

