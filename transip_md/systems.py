@@ -3,7 +3,6 @@
 import numpy as np
 from ase import Atoms
 from ase.build import molecule
-from scipy.spatial.transform import Rotation
 
 #: Mass density of liquid water used for boxes (g/cm^3).
 WATER_DENSITY = 1.0
@@ -40,7 +39,13 @@ def water_box(n_molecules: int, seed: int = 0, density: float = WATER_DENSITY,
         cell[2, 1] = 0.2 * length
     positions, symbols = [], []
     for site in sites:
-        rot = Rotation.random(random_state=rng).as_matrix()  # uniform (Haar) orientation
+        # uniform (Haar) orientation from a normalised Gaussian quaternion; kept as it is (not
+        # scipy's Rotation.random) so that the seeded boxes the tests and results use stay the same
+        q = rng.normal(size=4)
+        w, x, y, z = q / np.linalg.norm(q)
+        rot = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
         centre = ((site + 0.5 + rng.uniform(-0.05, 0.05, 3)) / n_side) @ cell
         positions.extend(template.positions @ rot.T + centre)
         symbols.extend(template.get_chemical_symbols())
