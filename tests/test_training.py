@@ -1,6 +1,8 @@
-"""Training: learned equivariance measurably beats no rotation handling; CLI verbs; resume."""
+"""Training: learned equivariance measurably beats no rotation handling; CLI verbs; resume;
+the console report names the epoch that ckpt.pt holds; provenance of the data files."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -42,22 +44,72 @@ def test_learned_equivariance_beats_no_rotations(frames, tmp_path):
     assert e_learned["energy_mev_per_atom"] < 0.85 * e_none["energy_mev_per_atom"], (e_learned, e_none)
 
 
+SUMMARY = re.compile(
+    r"best epoch (\d+): energy MAE ([\d.]+) meV/atom, force MAE ([\d.]+) meV/Å \(score ([\d.]+)\); "
+    r"ckpt\.pt holds epoch (\d+)\nlast epoch (\d+): energy MAE ([\d.]+) meV/atom, force MAE ([\d.]+) meV/Å")
+ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+\S+\s+([\d.]+)\s+([\d.]+)\s+\S+\s+\d+s( \*)?$", re.M)
+
+
+def _close(printed, value):
+    """A printed number equals ``value`` to the digits it shows."""
+    decimals = len(printed.split(".")[1]) if "." in printed else 0
+    return abs(float(printed) - value) <= 0.51 * 10.0 ** -decimals
+
+
+def check_console_report(stdout, history, ckpt, new_from=0):
+    """The printed rows (for history[new_from:], the epochs of this invocation) and the summary
+    agree with history.json and with what ckpt.pt stores."""
+    scores = [h["val_energy_mae_mev_per_atom"] + h["val_force_mae_mev_per_A"] for h in history]
+    # one row per validation; '*' exactly on the epochs that improved the score E + F
+    rows = ROW.findall(stdout)
+    assert [int(r[0]) for r in rows] == [h["epoch"] for h in history[new_from:]], stdout
+    improved = [s < min(scores[:k], default=np.inf) for k, s in enumerate(scores)][new_from:]
+    assert [r[4] == " *" for r in rows] == improved, stdout
+    for (_, _, e, f, _), h in zip(rows, history[new_from:]):
+        assert _close(e, h["val_energy_mae_mev_per_atom"]) and _close(f, h["val_force_mae_mev_per_A"])
+    match = SUMMARY.search(stdout)
+    assert match, stdout
+    best_epoch, e, f, score, held, last_epoch, e_last, f_last = match.groups()
+    best = history[int(np.argmin(scores))]  # first minimum: a later tie does not replace ckpt.pt
+    assert int(best_epoch) == int(held) == best["epoch"] == ckpt.training["epochs"]
+    assert ckpt.training["steps"] == best["step"]
+    stored = ckpt.metrics["validation"]
+    assert _close(e, best["val_energy_mae_mev_per_atom"]) and _close(e, stored["energy_mae_mev_per_atom"])
+    assert _close(f, best["val_force_mae_mev_per_A"]) and _close(f, stored["force_mae_mev_per_A"])
+    assert _close(score, min(scores))
+    assert ckpt.training["selection_score"] == pytest.approx(min(scores), rel=1e-12)
+    assert int(last_epoch) == history[-1]["epoch"]
+    assert _close(e_last, history[-1]["val_energy_mae_mev_per_atom"])
+    assert _close(f_last, history[-1]["val_force_mae_mev_per_A"])
+
+
 def test_train_evaluate_cli_and_resume(frames, tmp_path):
-    write_frames(frames[:50], tmp_path / "train.extxyz")
+    # two training files of the same name in different folders (as in the model card's recipe)
+    for folder, part in (("organics", frames[:40]), ("water", frames[40:50])):
+        (tmp_path / folder).mkdir()
+        write_frames(part, tmp_path / folder / "train.extxyz")
     write_frames(frames[50:], tmp_path / "val.extxyz")
+    train_files = [str(tmp_path / "organics" / "train.extxyz"), str(tmp_path / "water" / "train.extxyz")]
     run = [sys.executable, "-m", "transip_md.train", "--config", "transip-tiny",
-           "--train", str(tmp_path / "train.extxyz"), "--val", str(tmp_path / "val.extxyz"),
+           "--train", *train_files, "--val", str(tmp_path / "val.extxyz"),
            "--out", str(tmp_path / "run"), "--epochs", "2", "--no-progress"]
-    subprocess.run(run, check=True, capture_output=True, text=True)
+    first = subprocess.run(run, check=True, capture_output=True, text=True)
     ckpt = load_checkpoint(tmp_path / "run" / "ckpt.pt")
     assert ckpt.training["mode"] == "learned" and ckpt.training["epochs"] <= 2
     assert (tmp_path / "run" / "learning_curve.png").stat().st_size > 1000
-    # resume continues from last.pt up to the new epoch count
+    check_console_report(first.stdout, json.loads((tmp_path / "run" / "history.json").read_text()), ckpt)
+    # provenance: each file once, by its path; a model name other than the file stem 'ckpt'
+    assert ckpt.training["train_data"] == train_files
+    assert ckpt.training["val_data"] == [str(tmp_path / "val.extxyz")]
+    assert ckpt.training["train_frames"] == 50
+    assert ckpt.training["model_name"] == f"transip-tiny ({tmp_path / 'run'})"
+    # resume continues from last.pt up to the new epoch count; the report covers all epochs
     done = subprocess.run(run[:-3] + ["--epochs", "3", "--resume", "--no-progress"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
+    check_console_report(done.stdout, history, load_checkpoint(tmp_path / "run" / "ckpt.pt"), new_from=2)
     out = subprocess.run([sys.executable, "-m", "transip_md.evaluate", str(tmp_path / "run" / "ckpt.pt"),
                           str(tmp_path / "val.extxyz"), "--json", str(tmp_path / "test.json"),
                           "--rotations", "2"], capture_output=True, text=True)
@@ -66,6 +118,51 @@ def test_train_evaluate_cli_and_resume(frames, tmp_path):
     assert result["frames"] == len(frames) - 50
     assert result["force_mae_mev_per_A"] > 0 and "emt" in result["per_source"]
     assert "equivariance_error" in result
+
+
+def test_checkpoint_holds_the_best_epoch_not_the_last(frames, tmp_path, monkeypatch):
+    """Validation MAEs scripted so that the best epoch (2) is neither the first nor the last and a
+    later epoch (4) ties it: ckpt.pt, its metrics and the printed report must all name epoch 2."""
+    import transip_md.train.trainer as trainer_module
+
+    scripted = iter([(50.0, 500.0), (20.0, 200.0), (30.0, 300.0), (20.0, 200.0)])
+
+    def fake_accuracy(model, val_frames):
+        e, f = next(scripted)
+        return {"energy_mae_mev_per_atom": e, "force_mae_mev_per_A": f, "frames": len(val_frames)}
+
+    monkeypatch.setattr(trainer_module, "accuracy", fake_accuracy)
+    cfg = TrainConfig(mode="none", epochs=4, batch_atoms=96, lr=1e-3, warmup_steps=1,
+                      ema_decay=None, dtype="float64", seed=0, eval_rotations=1)
+    lines = []
+    trainer = Trainer(named_config("tiny"), cfg, frames[:12], frames[60:64], tmp_path, progress=False,
+                      log=lines.append)
+    ckpt = load_checkpoint(trainer.run())
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert ckpt.training["epochs"] == 2 and ckpt.metrics["validation"]["force_mae_mev_per_A"] == 200.0
+    stdout = "\n".join(lines)
+    assert [r[4] == " *" for r in ROW.findall(stdout)] == [True, True, False, False], stdout
+    assert "best epoch 2: energy MAE 20.000 meV/atom, force MAE 200.00 meV/Å (score 220.00); " \
+           "ckpt.pt holds epoch 2\nlast epoch 4: energy MAE 20.000" in stdout
+    check_console_report(stdout, history, ckpt)
+
+
+def test_train_cli_data_file_checks_and_quiet(frames, tmp_path):
+    write_frames(frames[:20], tmp_path / "train.extxyz")
+    write_frames(frames[60:], tmp_path / "val.extxyz")
+    base = [sys.executable, "-m", "transip_md.train", "--config", "transip-tiny", "--out", str(tmp_path / "r")]
+    twice = subprocess.run(base + ["--train", str(tmp_path / "train.extxyz"), str(tmp_path / "train.extxyz"),
+                                   "--val", str(tmp_path / "val.extxyz")], capture_output=True, text=True)
+    assert twice.returncode == 2 and "more than once" in twice.stderr
+    quiet = subprocess.run(base + ["--train", str(tmp_path / "train.extxyz"), "--val", str(tmp_path / "train.extxyz"),
+                                   "--max-steps", "1", "--quiet", "--name", "my model"],
+                           capture_output=True, text=True)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "both training and validation data" in quiet.stderr
+    # --quiet: no rows, no progress bar, still the summary
+    assert not ROW.search(quiet.stdout) and "train[" not in quiet.stderr and SUMMARY.search(quiet.stdout)
+    assert load_checkpoint(tmp_path / "r" / "ckpt.pt").training["model_name"] == "my model"
 
 
 def test_element_references_fit_the_training_energies(frames):

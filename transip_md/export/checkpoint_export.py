@@ -163,7 +163,7 @@ def export_checkpoint(ckpt_path: PathLike, out_path: PathLike, dtype: str = "flo
     check_output_path(out_path)  # before the (slow) loading and scripting
     ckpt = load_source_checkpoint(ckpt_path)
     extra = {
-        "model_name": Path(ckpt_path).name.split(".")[0],
+        "model_name": ckpt.training.get("model_name") or Path(ckpt_path).name.split(".")[0],
         "model_config": ckpt.config.to_dict(),
         "training": _jsonable(ckpt.training),
         "validation": _jsonable(ckpt.metrics.get("validation", {})),

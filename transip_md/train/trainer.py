@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,40 @@ from .config import TrainConfig
 
 CHECKPOINT_NAME = "ckpt.pt"
 RESUME_NAME = "last.pt"
+
+
+def selection_score(record: Dict[str, float]) -> float:
+    """The model-selection score of a validation record (lower is better): energy MAE in meV/atom
+    plus force MAE in meV/Å. ckpt.pt holds the first record with the lowest score."""
+    return record["val_energy_mae_mev_per_atom"] + record["val_force_mae_mev_per_A"]
+
+
+def best_record(history: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """The history entry whose model is in ckpt.pt (first minimum, as the trainer keeps it)."""
+    if not history:
+        raise ValueError("no validation records yet")
+    return min(history, key=selection_score)
+
+
+LOG_HEADER = (f"{'epoch':>5} {'step':>7} {'train loss':>10} {'E MAE meV/atom':>14} "
+              f"{'F MAE meV/Å':>11} {'lr':>8} {'time':>7}")
+
+
+def format_record(record: Dict[str, float], is_best: bool) -> str:
+    """One console row per validation; ``*`` marks a new best (the model saved to ckpt.pt)."""
+    return (f"{record['epoch']:>5} {record['step']:>7} {record.get('train_total', math.nan):>10.4g} "
+            f"{record['val_energy_mae_mev_per_atom']:>14.3f} {record['val_force_mae_mev_per_A']:>11.2f} "
+            f"{record['lr']:>8.2e} {record['elapsed_s']:>6.0f}s" + (" *" if is_best else ""))
+
+
+def format_summary(history: Sequence[Dict[str, float]]) -> str:
+    """The closing lines: the best epoch (the model in ckpt.pt) and the last one."""
+    best, last = best_record(history), history[-1]
+    return (f"best epoch {best['epoch']}: energy MAE {best['val_energy_mae_mev_per_atom']:.3f} meV/atom, "
+            f"force MAE {best['val_force_mae_mev_per_A']:.2f} meV/Å (score {selection_score(best):.2f}); "
+            f"{CHECKPOINT_NAME} holds epoch {best['epoch']}\n"
+            f"last epoch {last['epoch']}: energy MAE {last['val_energy_mae_mev_per_atom']:.3f} meV/atom, "
+            f"force MAE {last['val_force_mae_mev_per_A']:.2f} meV/Å (score {selection_score(last):.2f})")
 
 
 def pick_device(name: str) -> torch.device:
@@ -51,7 +85,10 @@ def initialise_potential(cfg: ModelConfig, frames: Sequence[Frame], dtype: torch
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, train: Sequence[Frame],
                  val: Sequence[Frame], out_dir: Path, progress: bool = True,
-                 provenance: Optional[Dict[str, Any]] = None):
+                 provenance: Optional[Dict[str, Any]] = None,
+                 log: Optional[Callable[[str], None]] = None):
+        """``log`` receives the per-validation rows and the closing summary (default: printed
+        above the progress bar); pass ``lambda line: None`` for silence."""
         if not train:
             raise ValueError("the training set is empty")
         if not val:
@@ -60,6 +97,7 @@ class Trainer:
         self.train_frames, self.val_frames = list(train), list(val)
         self.out_dir = Path(out_dir)
         self.progress = progress
+        self.log = log if log is not None else tqdm.write
         self.provenance = provenance or {}
         self.device = pick_device(cfg.device)
         self.dtype = getattr(torch, cfg.dtype)
@@ -139,7 +177,9 @@ class Trainer:
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress,
                    desc=f"train[{cfg.mode}]", unit="step")
-        start = time.time()
+        # elapsed_s continues across --resume
+        start = time.time() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
+        self.log(LOG_HEADER)
         while self.epoch < cfg.epochs and self.step < self.total_steps:
             self.potential.train()
             sums: Dict[str, float] = {}
@@ -170,20 +210,23 @@ class Trainer:
                 self.last_val_step = self.step
         bar.close()
         self._finalise()
+        if self.history:
+            self.log(format_summary(self.history))
         return self.out_dir / CHECKPOINT_NAME
 
     def _validate_and_save(self, train_losses: Dict[str, float], elapsed: float) -> None:
         model = self.eval_model()
         model.eval()
         val = accuracy(model, self.val_frames)
-        score = val["energy_mae_mev_per_atom"] + val["force_mae_mev_per_A"]
         record = {"epoch": self.epoch, "step": self.step, "elapsed_s": elapsed,
                   "lr": self.scheduler.get_last_lr()[0],
                   **{f"train_{k}": v for k, v in train_losses.items()},
                   "val_energy_mae_mev_per_atom": val["energy_mae_mev_per_atom"],
                   "val_force_mae_mev_per_A": val["force_mae_mev_per_A"]}
         self.history.append(record)
-        if score < self.best_score:
+        score = selection_score(record)
+        is_best = score < self.best_score
+        if is_best:
             self.best_score = score
             save_checkpoint(self.out_dir / CHECKPOINT_NAME, model, self.model_cfg,
                             training=self._training_info(), metrics={"validation": val},
@@ -191,11 +234,13 @@ class Trainer:
         self._save_resume_state()
         (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1))
         self._plot()
+        self.log(format_record(record, is_best))
 
     def _training_info(self) -> Dict[str, Any]:
         return {"mode": self.cfg.mode, "steps": self.step, "epochs": self.epoch,
-                "config": self.cfg.to_dict(), "train_frames": len(self.train_frames),
-                "val_frames": len(self.val_frames), **self.provenance}
+                "selection_score": self.best_score, "config": self.cfg.to_dict(),
+                "train_frames": len(self.train_frames), "val_frames": len(self.val_frames),
+                **self.provenance}
 
     def _save_resume_state(self) -> None:
         state = {
