@@ -98,6 +98,9 @@ def load_checkpoint(path: PathLike, map_location: str = "cpu") -> Checkpoint:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if kind not in (file_kinds.CHECKPOINT, file_kinds.TORCH_SAVE):
         raise CheckpointError(wrong_kind_message(path, kind))
+    damage = file_kinds.archive_damage(path)  # torch.load checks no CRC and no record size
+    if damage is not None:
+        raise CheckpointError(f"{path} is damaged: {damage}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe content

@@ -10,11 +10,19 @@ transip-md reads two kinds of file, and users mix them up:
 :func:`sniff` tells them (and everything else) apart so that every reader and writer can say
 what a file is before touching it. It never unpickles anything: the checkpoint marker is
 looked for as bytes in ``data.pkl``, the model's metadata is plain JSON.
+
+:func:`archive_damage` is asked before torch reads a file, because torch checks neither the
+zip CRC-32 of a member nor whether a tensor record has the size ``data.pkl`` gives it: a
+flipped bit in the weights, or records from another file, would load and compute wrong
+numbers. It follows ``data.pkl`` with an unpickler that imports and runs nothing.
 """
 
+import io
 import json
 import os
+import pickle
 import re
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -28,6 +36,7 @@ METADATA_NAME = "metadata.json"
 
 MISSING = "missing"
 DIRECTORY = "directory"
+SPECIAL = "special"  # a FIFO, socket or device: opening or reading it may block forever
 EMPTY = "empty"
 NOT_ZIP = "not-zip"
 ZIP = "zip"
@@ -39,6 +48,7 @@ EXPORTED = "exported"
 _DESCRIPTIONS = {
     MISSING: "missing",
     DIRECTORY: "a directory",
+    SPECIAL: "not a regular file (a FIFO, socket or device)",
     EMPTY: "an empty file",
     NOT_ZIP: "not a PyTorch file (no zip archive)",
     ZIP: "a zip archive that is not a PyTorch file",
@@ -55,13 +65,16 @@ def describe(kind: str) -> str:
 
 
 def sniff(path: PathLike) -> str:
-    """One of 'missing', 'directory', 'empty', 'not-zip', 'zip', 'torch-save', 'checkpoint',
-    'torchscript', 'exported'. An unreadable file raises the OSError that names it."""
+    """One of 'missing', 'directory', 'special', 'empty', 'not-zip', 'zip', 'torch-save',
+    'checkpoint', 'torchscript', 'exported'. An unreadable file raises the OSError that names
+    it. A FIFO, socket or device is 'special' and never opened (reading one can block)."""
     path = Path(path)
     if not path.exists():
         return MISSING
     if path.is_dir():
         return DIRECTORY
+    if not stat.S_ISREG(path.stat().st_mode):
+        return SPECIAL
     with open(path, "rb") as fh:  # PermissionError names the file
         if not fh.read(1):
             return EMPTY
@@ -70,7 +83,9 @@ def sniff(path: PathLike) -> str:
     try:
         with zipfile.ZipFile(path) as archive:
             return _archive_kind(archive)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError):
+    except PermissionError:
+        raise
+    except Exception:  # noqa: BLE001 -- zipfile, zlib and struct errors of a damaged archive
         return NOT_ZIP  # a zip directory with broken entries: truncated or corrupt
 
 
@@ -78,9 +93,11 @@ def exported_metadata(path: PathLike) -> Optional[Dict[str, Any]]:
     """The raw (unvalidated) ``extra/metadata.json`` of an archive, or None if it has none
     that parses as a JSON object."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         with zipfile.ZipFile(path) as archive:
             return _metadata(archive)
-    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError):
+    except Exception:  # noqa: BLE001 -- OSError, zipfile, zlib, struct: a damaged file
         return None
 
 
@@ -93,6 +110,144 @@ def metadata_entry(names: List[str]) -> Optional[str]:
     return None
 
 
+def archive_damage(path: PathLike) -> Optional[str]:
+    """Why the zip archive at ``path`` is damaged (words that follow "<path> is damaged: "),
+    or None if every member passes its CRC-32 check and no name occurs twice. torch checks
+    neither: it reads stored tensors without their CRC, so a flipped bit in the weights loads
+    and computes wrong numbers unless this is asked first. Reads the whole file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if len(set(names)) != len(names):
+                twice = sorted({n for n in names if names.count(n) > 1})
+                return f"its archive holds {_member(twice[0])} more than once"
+            bad = archive.testzip()
+    except PermissionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- zipfile, zlib, struct errors of damaged data
+        name = type(exc).__name__
+        if name == "error":  # zlib.error, struct.error
+            name = f"{type(exc).__module__} error"
+        return f"its zip archive does not read back ({name}: {safe_error_text(exc)})"
+    if bad is not None:
+        return f"its member {_member(bad)} fails the zip CRC-32 check (corrupted on disk or in transfer?)"
+    return storage_mismatch(path)
+
+
+# ----------------------------------------------------------------------------- tensor records
+#: Bytes per element of the storage classes that torch pickles (typed storages by name).
+_ELEMENT_BYTES = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+    "BoolStorage": 1, "ComplexDoubleStorage": 16, "ComplexFloatStorage": 8,
+    "UntypedStorage": 1,
+}
+
+
+class _Opaque:
+    """Stands for every object of a scanned pickle: takes any arguments and state, runs
+    nothing."""
+
+    _name = ""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _StorageRef:
+    def __init__(self, kind: str, key: str, numel: int):
+        self.kind, self.key, self.numel = kind, key, numel
+
+
+class _RecordScanner(pickle.Unpickler):
+    """Unpickles data.pkl without importing or running anything: every global is an
+    :class:`_Opaque` class, and the tensor records (persistent ids) and tensor views
+    (``_rebuild_tensor_v2``) are collected to be checked against the archive."""
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.storages: Dict[str, _StorageRef] = {}
+        self.views: List[tuple] = []
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self._rebuild_tensor
+        return type(name, (_Opaque,), {"_name": name})
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        _, kind, key, _location, numel = pid
+        ref = _StorageRef(getattr(kind, "_name", ""), str(key), int(numel))
+        self.storages[ref.key] = ref
+        return ref
+
+    def _rebuild_tensor(self, storage, offset, size, stride, *rest):
+        self.views.append((storage, int(offset), tuple(int(v) for v in size),
+                           tuple(int(v) for v in stride)))
+        return _Opaque()
+
+
+def storage_mismatch(path: PathLike) -> Optional[str]:
+    """Whether every tensor record of a torch archive (TorchScript or torch.save) has the size
+    that data.pkl gives it, and every tensor fits in its record; words for the first that does
+    not, else None. torch checks neither: a record swapped in from another file (other dtype or
+    shapes) loads as garbage weights or beyond its end. An archive whose data.pkl this scan
+    cannot follow is left to torch (None)."""
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        pickle_name = pickle_entry(names)
+        if pickle_name is None:
+            return None
+        root = pickle_name.split("/")[0]
+        scanner = _RecordScanner(archive.read(pickle_name))
+        try:
+            scanner.load()
+        except Exception:  # noqa: BLE001 -- not a pickle this scan follows: torch decides
+            return None
+        sizes = {info.filename: info.file_size for info in archive.infolist()}
+    for ref in scanner.storages.values():
+        record = f"{root}/data/{ref.key}"
+        if record not in sizes:
+            return f"its tensor record data/{ref.key} is missing"
+        element = _ELEMENT_BYTES.get(ref.kind)
+        if element is not None and sizes[record] != ref.numel * element:
+            return (f"its tensor record data/{ref.key} holds {sizes[record]} bytes where data.pkl "
+                    f"expects {ref.numel} x {element} ({ref.kind}); records from another file?")
+    for storage, offset, size, stride in scanner.views:
+        if not isinstance(storage, _StorageRef) or len(size) != len(stride):
+            continue
+        if any(n == 0 for n in size):
+            continue
+        end = offset + sum((n - 1) * abs(st) for n, st in zip(size, stride)) + 1
+        if offset < 0 or end > storage.numel:
+            return (f"a tensor of shape {list(size)} reaches element {end} of its record "
+                    f"data/{storage.key}, which holds {storage.numel}")
+    return None
+
+
+def _member(name: str) -> str:
+    """A member's name without the archive's root folder."""
+    return name.split("/", 1)[-1]
+
+
+def pickle_entry(names: List[str]) -> Optional[str]:
+    """The archive member holding the pickled object (``<root>/data.pkl``)."""
+    return next((n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")), None)
+
+
 def _archive_kind(archive: zipfile.ZipFile) -> str:
     names = archive.namelist()
     meta = _metadata(archive)
@@ -100,7 +255,7 @@ def _archive_kind(archive: zipfile.ZipFile) -> str:
         return EXPORTED
     if any(len(parts) > 2 and parts[1] == "code" for parts in (n.split("/") for n in names)):
         return TORCHSCRIPT
-    pickle = next((n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")), None)
+    pickle = pickle_entry(names)
     if pickle is None:
         return ZIP
     # The kind string is pickled verbatim (BINUNICODE), so a byte search finds it unpickled.
@@ -113,7 +268,7 @@ def _metadata(archive: zipfile.ZipFile) -> Optional[Dict[str, Any]]:
         return None
     try:
         meta = json.loads(archive.read(name).decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, a 4300-digit number, deep nesting
         return None
     return meta if isinstance(meta, dict) else None
 
@@ -122,6 +277,8 @@ def _metadata(archive: zipfile.ZipFile) -> Optional[Dict[str, Any]]:
 _UNSAFE_ADVICE = re.compile(r"weights_only|weights only|safe_globals|arbitrary code execution",
                             re.IGNORECASE)
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+#: torch's boilerplate after some of its checks ("Expected hasRecord(...) to be true ...").
+_TORCH_BOILERPLATE = re.compile(r"\s*\(Could this error message be improved\?[^)]*\)")
 
 
 def mentions_unsafe_load(text: str) -> bool:
@@ -132,11 +289,11 @@ def mentions_unsafe_load(text: str) -> bool:
 def safe_error_text(exc: BaseException) -> str:
     """The first line of an error; a refused ``weights_only`` load becomes a summary without
     torch's advice to load the file unsafely (which would let it run code)."""
-    text = str(exc).strip()
+    text = _TORCH_BOILERPLATE.sub("", str(exc)).strip()
     if not text:
         return type(exc).__name__
     if not mentions_unsafe_load(text):
-        return text.splitlines()[0]
+        return text.splitlines()[0].rstrip(":")
     found = _UNSUPPORTED_GLOBAL.search(text)
     what = f" ({found.group(1)})" if found else ""
     return (f"it holds pickled Python objects{what} that a safe load does not run; "

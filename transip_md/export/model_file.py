@@ -11,10 +11,12 @@ file ``metadata.json`` (so ``--info`` can read it without loading or running any
 import copy
 import json
 import os
+import struct
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -136,37 +138,72 @@ def not_exported_message(path: PathLike, kind: str) -> str:
 
 
 def read_metadata(path: PathLike) -> Dict[str, Any]:
-    """Metadata of an exported file, read from the archive without loading any code."""
-    path = Path(path)
+    """Metadata of an exported file, read from the archive without loading any code.
+
+    Besides its kind and format version, the record must be the module's own copy: the
+    exporter stores one string twice (``metadata.json`` and the pickled ``metadata_json``
+    attribute, see :func:`write_exported`), so a ``metadata.json`` found nowhere in
+    ``data.pkl`` was edited or damaged, and is refused instead of trusted."""
+    return _validated_metadata(Path(path))[0]
+
+
+def _validated_metadata(path: Path) -> Tuple[Dict[str, Any], bytes]:
+    """(metadata, its exact bytes) of an exported file; every refusal names the file."""
     kind = file_kinds.sniff(path)
     if kind == file_kinds.MISSING:
         raise FileNotFoundError(f"model file not found: {path}")
     if kind not in (file_kinds.EXPORTED, file_kinds.TORCHSCRIPT):
         raise ModelFileError(not_exported_message(path, kind))
-    meta = _read_metadata_entry(path)
-    if meta is None:
+    entry = _read_metadata_entry(path)
+    if entry is None:
         raise ModelFileError(not_exported_message(path, kind))
+    meta, raw, in_module = entry
     _check_metadata(meta, path)
-    return meta
+    if not in_module:
+        raise ModelFileError(
+            f"{path} is damaged or was edited: its {METADATA_NAME} is not the model's own copy "
+            "of the metadata; export the model again")
+    return meta, raw
 
 
-def _read_metadata_entry(path: Path) -> Optional[Any]:
-    """The parsed ``extra/metadata.json`` of a TorchScript archive; None if it has none."""
+#: Errors Python's zipfile, zlib and json raise on damaged archives and unreadable records.
+_UNREADABLE = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, ValueError,
+               RecursionError, NotImplementedError, RuntimeError, OverflowError, struct.error)
+
+
+def _read_metadata_entry(path: Path) -> Optional[Tuple[Any, bytes, bool]]:
+    """(the parsed ``extra/metadata.json``, its bytes, whether data.pkl holds the same text
+    as the module's ``metadata_json``) of a TorchScript archive; None if it has no metadata."""
     try:
         with zipfile.ZipFile(path) as archive:
-            name = file_kinds.metadata_entry(archive.namelist())
+            names = archive.namelist()
+            name = file_kinds.metadata_entry(names)
             if name is None:
                 return None
-            return json.loads(archive.read(name).decode("utf-8"))
-    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{path} has unreadable metadata: {exc}") from None
+            if names.count(name) > 1:  # zipfile reads the last, torch the first
+                raise ModelFileError(f"{path} is damaged: its archive holds {METADATA_NAME} "
+                                     "more than once")
+            raw = archive.read(name)
+            meta = json.loads(raw.decode("utf-8"))
+            pickle = file_kinds.pickle_entry(names)
+            try:
+                in_module = pickle is not None and raw in archive.read(pickle)
+            except _UNREADABLE as exc:
+                raise ModelFileError(f"{path} is damaged: its data.pkl does not read back "
+                                     f"({file_kinds.safe_error_text(exc)})") from None
+    except ModelFileError:
+        raise
+    except _UNREADABLE as exc:
+        raise ModelFileError(f"{path} has unreadable metadata: "
+                             f"{file_kinds.safe_error_text(exc)}") from None
+    return meta, raw, in_module
 
 
-def _check_metadata(meta: Dict[str, Any], path: Path) -> None:
+def _check_metadata(meta: Any, path: Path) -> None:
     if not isinstance(meta, dict) or meta.get("kind") != MODEL_KIND:
         raise ModelFileError(f"{path} is not an exported transip-md model")
     version = meta.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise ModelFileError(f"{path} has no valid format_version")
     if version > FORMAT_VERSION:
         raise ModelFileError(
@@ -174,6 +211,16 @@ def _check_metadata(meta: Dict[str, Any], path: Path) -> None:
             f"reads (<= {FORMAT_VERSION}); upgrade transip-md")
     if version < 1:
         raise ModelFileError(f"{path} has invalid model format version {version}")
+    # What the Python engines read from the record itself (not from the module).
+    if meta.get("dtype") not in ("float32", "float64"):
+        raise ModelFileError(f"{path} has no valid dtype in its metadata")
+    capabilities = meta.get("capabilities")
+    if capabilities is not None and not (isinstance(capabilities, dict) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in capabilities.values())):
+        raise ModelFileError(f"{path} has invalid capabilities in its metadata")
+    names = meta.get("entry_points")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ModelFileError(f"{path} has invalid entry_points in its metadata")
 
 
 def declared_capabilities(meta: Dict[str, Any]) -> Dict[str, int]:
@@ -225,14 +272,30 @@ def load_exported(path: PathLike, device: Union[str, torch.device] = "cpu",
     declaration against ``needs`` (entry points the caller will use), then load it on
     ``device``. Every Python engine (ASE calculator, OpenMM adapter, evaluate, benchmarks)
     loads through here."""
-    meta = read_metadata(path)
+    meta, raw = _validated_metadata(Path(path))
     check_declaration(meta, path, needs, who)
+    _check_integrity(Path(path))
     try:
         module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:
         raise ModelFileError(
             f"{path} could not be loaded as TorchScript: {file_kinds.safe_error_text(exc)}") from None
-    if int(module.format_version) != int(meta["format_version"]):
+    try:
+        version, own_json = int(module.format_version), str(module.metadata_json)
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        raise ModelFileError(f"{path} is not an exported transip-md model: its TorchScript module "
+                             "has no format_version / metadata_json") from None
+    if version != int(meta["format_version"]):
         raise ModelFileError(f"{path}: metadata and module disagree on the format version")
+    if own_json.encode("utf-8") != raw:
+        raise ModelFileError(f"{path} is damaged or was edited: its {METADATA_NAME} and the "
+                             "module's metadata_json disagree; export the model again")
     module.eval()
     return module
+
+
+def _check_integrity(path: Path) -> None:
+    """Every member against its zip CRC-32 (see :func:`file_kinds.archive_damage`)."""
+    damage = file_kinds.archive_damage(path)
+    if damage is not None:
+        raise ModelFileError(f"{path} is damaged: {damage}; export the model again")
