@@ -422,8 +422,8 @@ def _swap(donor: str, predicate: Callable[[str], bool], what: str):
 
 
 def swap_cases() -> List[Tuple[str, Callable, str, str]]:
-    """(recipe, make, note, reference). ``note`` is set for the one swap no reader can tell
-    from a valid file; ``reference`` names the file whose answers are the right ones (the
+    """(recipe, make, note, reference). ``note`` would mark a swap no reader can tell from a
+    valid file (none since the weights digest); ``reference`` names the file whose answers are the right ones (the
     donor, where the result is a whole valid export of it)."""
     def swap(recipe, donor, predicate, note="", reference="valid"):
         return recipe, _swap(donor, predicate, recipe), note, reference
@@ -450,11 +450,12 @@ def swap_cases() -> List[Tuple[str, Callable, str, str]]:
         swap("data/ (all tensors) from xs.pt", "xs", under("data/")),
         swap("data/ and data.pkl from xs.pt (code and metadata of valid.pt)", "xs",
              lambda n: n.startswith("data/") or n == "data.pkl"),
-        swap("data/14 from sibling.pt (same shape, other weights)", "sibling", named("data/14"),
-             note="undetectable without a content digest of the weights in the metadata: every "
-                  "member is intact, and the donor tensor has the same dtype and shape"),
+        # every member intact, same dtype and shape: only the weights digest sees it
+        swap("data/14 from sibling.pt (same shape, other weights)", "sibling", named("data/14")),
         swap("data/ (all tensors) and data.pkl from sibling.pt: the whole sibling model under "
-             "valid.pt's metadata (the two exports' records are identical), so sibling.pt's "
+             "valid.pt's metadata.json (which differs from the sibling's own copy only by its "
+             "weights digest: the Python door refuses it, the C++ door reads the module's own "
+             "copy), so sibling.pt's "
              "answers are the right ones", "sibling",
              lambda n: n.startswith("data/") or n == "data.pkl", reference="sibling"),
     ]

@@ -25,6 +25,11 @@ Parts (``--parts``, comma list; a part whose packages are missing is reported an
   ``pair_style transip device cuda``, one rank; needs ``--lmp`` (the LAMMPS executable) and
   ``--plugin`` (``python -m transip_md.lammps build`` prints it).
 
+``--kernels reference,fused`` runs the TransIP parts (transip, profile, openmm, lammps) once per
+export kind: ``reference`` (pure TorchScript) and ``fused`` (the transip_ops operator, issue
+#16; results under ``<part>-fused``; its force errors are against the float64 *reference*).
+With ``--model``, give the fused float32 file as ``--model-fused``.
+
 Prints one table per part and writes ``OUT/gpu_bench.json``.
 """
 
@@ -93,7 +98,8 @@ def box_tensors(n_atoms: int, device: torch.device, dtype: torch.dtype):
     )
 
 
-def random_model_files(size: str, directory: Path) -> Dict[str, Path]:
+def random_model_files(size: str, directory: Path, fused: bool = False) -> Dict[str, Path]:
+    """float32 / float64 reference exports, and with ``fused`` a float32 ``fused-float32``."""
     torch.manual_seed(0)
     potential = TransIPPotential(named_config(size))
     potential.supported_elements[[1, 6, 7, 8]] = True
@@ -102,6 +108,11 @@ def random_model_files(size: str, directory: Path) -> Dict[str, Path]:
     for dtype in ("float32", "float64"):
         out[dtype] = directory / f"transip-{size}-{dtype}.pt"
         export_potential(potential, out[dtype], dtype=dtype)
+    if fused:
+        from transip_md.model.fused_attention import use_fused_attention
+
+        out["fused-float32"] = directory / f"transip-{size}-fused-float32.pt"
+        export_potential(use_fused_attention(potential), out["fused-float32"], dtype="float32")
     return out
 
 
@@ -371,6 +382,12 @@ def summary(results: Dict) -> None:
         plain, cueq = mr.get("plain_ms"), mr.get("cueq_ms")
         print(f"{n:>7} {ms:>11.2f} {plain or float('nan'):>8.2f} {cueq or float('nan'):>13.2f} "
               f"{(plain or float('nan')) / ms:>8.2f} {(cueq or float('nan')) / ms:>7.2f}")
+    fused = {r["atoms"]: r for r in results.get("transip-fused", {}).get("rows", [])}
+    if fused:
+        print(f"\n{'atoms':>7} {'reference fp32 ms':>18} {'fused fp32 ms':>14} {'speed-up':>9}")
+        for n, r in fused.items():
+            ref = t.get(n, {}).get("fp32_ms", float("nan"))
+            print(f"{n:>7} {ref:>18.2f} {r['fp32_ms']:>14.2f} {ref / r['fp32_ms']:>9.2f}")
 
 
 def main() -> None:
@@ -379,6 +396,10 @@ def main() -> None:
     p.add_argument("--size", default="s", help="named TransIP size for the random model")
     p.add_argument("--model", default=None, help="an exported float32 file instead (float64 sibling for errors: --model64)")
     p.add_argument("--model64", default=None)
+    p.add_argument("--kernels", default="reference",
+                   help="comma list of reference, fused: which exports the TransIP parts time")
+    p.add_argument("--model-fused", default=None, help="with --model and --kernels ...fused: the "
+                   "fused float32 export of the same model")
     p.add_argument("--sizes", type=int, nargs="+", default=[1536, 6144, 24576])
     p.add_argument("--largest", action="store_true", help="also the largest box that fits (doubling)")
     p.add_argument("--accuracy-max-atoms", type=int, default=6144)
@@ -401,22 +422,38 @@ def main() -> None:
     parts = args.parts.split(",")
     results: Dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
+        kernels = args.kernels.split(",")
         if args.model:
             files = {"float32": Path(args.model), "float64": Path(args.model64 or args.model)}
+            if args.model_fused:
+                files["fused-float32"] = Path(args.model_fused)
         else:
-            files = random_model_files(args.size, Path(tmp))
-        for part, fn in (("transip", lambda: bench_transip(args, files, device)),
-                         ("profile", lambda: profile_transip(args, files, device)),
-                         ("mace", lambda: bench_mace(args, device)),
-                         ("openmm", lambda: bench_openmm(args, files, out)),
-                         ("lammps", lambda: bench_lammps(args, files, out))):
+            files = random_model_files(args.size, Path(tmp), fused="fused" in kernels)
+        jobs = []
+        for kernel in kernels:
+            if kernel == "reference":
+                kfiles, suffix = files, ""
+            elif kernel == "fused" and "fused-float32" in files:
+                kfiles = {"float32": files["fused-float32"], "float64": files["float64"]}
+                suffix = "-fused"
+                (out / kernel).mkdir(exist_ok=True)  # its openmm.json, LAMMPS decks
+            else:
+                results[f"kernels-{kernel}"] = {"error": f"no {kernel} export (see --kernels)"}
+                continue
+            kout = out if kernel == "reference" else out / kernel
+            jobs += [("transip", suffix, lambda f=kfiles: bench_transip(args, f, device)),
+                     ("profile", suffix, lambda f=kfiles: profile_transip(args, f, device)),
+                     ("openmm", suffix, lambda f=kfiles, o=kout: bench_openmm(args, f, o)),
+                     ("lammps", suffix, lambda f=kfiles, o=kout: bench_lammps(args, f, o))]
+        jobs.insert(2, ("mace", "", lambda: bench_mace(args, device)))
+        for part, suffix, fn in jobs:
             if part not in parts:
                 continue
             try:
-                results[part] = fn()
+                results[part + suffix] = fn()
             except Exception as exc:
                 traceback.print_exc()
-                results[part] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+                results[part + suffix] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             (out / "gpu_bench.json").write_text(json.dumps(results, indent=1))
     summary(results)
 

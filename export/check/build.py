@@ -37,6 +37,8 @@ def door_directory() -> Path:
 def compile_command(out_path: Union[str, os.PathLike], compiler: str = "g++") -> List[str]:
     """The g++ command line that compiles and links ``transip_check`` into ``out_path``."""
     compile_flags, link_flags = _recipe.libtorch_flags(_recipe.find_libtorch())
+    # where the door finds libtransip_ops.so for fused exports (built first; see the recipe)
+    compile_flags = compile_flags + _recipe.operator_library_flags(build=True)
     door = door_directory()
     sources = [str(SOURCE)] + [str(door / name) for name in _recipe.DOOR_SOURCES]
     return [compiler, *compile_flags, f"-I{door}", *sources, "-o", str(out_path), *link_flags]

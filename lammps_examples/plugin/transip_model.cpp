@@ -4,18 +4,28 @@
 
 #include "transip_model.h"
 
+#include <caffe2/serialize/inline_container.h>
 #include <torch/version.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <locale>
+#include <memory>
+#include <set>
 #include <sstream>
+#include <unordered_map>
 
+#include <dlfcn.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 namespace transip {
 
@@ -171,6 +181,8 @@ struct ZipEntry {
   uint64_t method;          // 0: stored
   uint64_t size;            // compressed size
   uint64_t local_offset;    // of the local file header
+  uint64_t usize = 0;       // uncompressed size
+  uint32_t crc = 0;         // CRC-32 of the uncompressed bytes (central directory)
 };
 
 enum class ZipStatus { OK, NOT_ZIP, DAMAGED };
@@ -228,8 +240,10 @@ ZipStatus read_zip_directory(std::FILE *fp, std::vector<ZipEntry> &entries)
     ZipEntry e;
     e.name.assign(reinterpret_cast<const char *>(&dir[k + 46]), name_len);
     e.method = le(&dir[k + 10], 2);
+    e.crc = static_cast<uint32_t>(le(&dir[k + 16], 4));
     e.size = le(&dir[k + 20], 4);
     const uint64_t usize = le(&dir[k + 24], 4);
+    e.usize = usize;
     e.local_offset = le(&dir[k + 42], 4);
     // zip64 extra field (id 1): the 64-bit values of the fields set to 0xFFFFFFFF, in order
     for (size_t x = k + 46 + name_len; x + 4 <= k + 46 + name_len + extra_len;) {
@@ -237,7 +251,7 @@ ZipStatus read_zip_directory(std::FILE *fp, std::vector<ZipEntry> &entries)
       if (x + 4 + len > dir.size()) break;
       if (id == 1) {
         size_t f = x + 4;
-        if (usize == 0xFFFFFFFF && f + 8 <= x + 4 + len) f += 8;
+        if (usize == 0xFFFFFFFF && f + 8 <= x + 4 + len) e.usize = le(&dir[f], 8), f += 8;
         if (e.size == 0xFFFFFFFF && f + 8 <= x + 4 + len) e.size = le(&dir[f], 8), f += 8;
         if (e.local_offset == 0xFFFFFFFF && f + 8 <= x + 4 + len) e.local_offset = le(&dir[f], 8);
       }
@@ -300,6 +314,580 @@ std::string archive_problem(std::FILE *fp, const std::string &path, const Reader
         "model.pt)";
   return in_quotes(path) + " is a zip file but not a TorchScript archive (no code/ or data.pkl "
       "entries); " + needs;
+}
+
+// What a path that is no regular file is, as words following "is" (file_kinds.not_a_file).
+std::string file_type_words(mode_t mode)
+{
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO (named pipe)";
+  if (S_ISSOCK(mode)) return "a socket";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  return "not a regular file";
+}
+
+// ---------------------------------------------------------------- archive integrity
+// torch::jit::load checks neither the zip CRC-32 of a member nor whether a tensor record has
+// the size data.pkl gives it (issue #18): a flipped bit in the weights loads and computes other
+// numbers, records of another dtype are read past their end. These checks run first; the
+// Python door (transip_md/file_kinds.py, archive_damage) makes the same ones, in the same words.
+
+// CRC-32 as zip computes it (the reflected polynomial 0xEDB88320), continuing from `crc`.
+uint32_t crc32_update(uint32_t crc, const unsigned char *p, size_t n)
+{
+  static const std::array<uint32_t, 256> table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1u) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  crc = ~crc;
+  for (size_t i = 0; i < n; ++i) crc = table[(crc ^ p[i]) & 0xFFu] ^ (crc >> 8);
+  return ~crc;
+}
+
+// A member's name without the archive's root folder ("data/14"), as messages show it.
+std::string member_name(const std::string &name)
+{
+  const size_t slash = name.find('/');
+  return slash == std::string::npos ? name : name.substr(slash + 1);
+}
+
+// Offset of a member's bytes (after its local header), or npos if the local header is not one
+// or names another member (Python's zipfile refuses both).
+uint64_t member_data_offset(std::FILE *fp, const ZipEntry &e)
+{
+  std::vector<unsigned char> head, name;
+  if (!read_at(fp, e.local_offset, 30, head) || le(head.data(), 4) != 0x04034b50)
+    return std::string::npos;
+  const uint64_t name_len = le(&head[26], 2), extra_len = le(&head[28], 2);
+  if (!read_at(fp, e.local_offset + 30, name_len, name) ||
+      std::string(name.begin(), name.end()) != e.name)
+    return std::string::npos;
+  return e.local_offset + 30 + name_len + extra_len;
+}
+
+// Reads members, stored ones from the file, deflated ones (torch deflates code/) through
+// torch's own zip reader, opened at the first need; nullptr if it cannot open the archive.
+class MemberReader {
+ public:
+  MemberReader(std::FILE *fp, const std::string &path) : fp_(fp), path_(path) {}
+
+  // "" if the member's bytes pass its CRC-32, else the words that follow "<path> is damaged: ".
+  std::string crc_problem(const ZipEntry &e)
+  {
+    const std::string name = member_name(e.name);
+    if (e.method == 0) {
+      const uint64_t start = member_data_offset(fp_, e);
+      if (start == std::string::npos)
+        return "the local header of its member " + name + " is damaged";
+      if (e.usize != e.size) return "its member " + name + " has two different sizes";
+      if (start + e.size > file_size()) return "its member " + name + " runs past the end of "
+                                               "the file (truncated?)";
+      uint32_t crc = 0;
+      std::vector<unsigned char> chunk;
+      for (uint64_t done = 0; done < e.size;) {
+        const size_t n = static_cast<size_t>(std::min<uint64_t>(e.size - done, 1u << 20));
+        if (!read_at(fp_, start + done, n, chunk))
+          return "its member " + name + " does not read back";
+        crc = crc32_update(crc, chunk.data(), n);
+        done += n;
+      }
+      return crc == e.crc ? "" : bad_crc(name);
+    }
+    if (e.method != 8)
+      return "its member " + name + " uses zip compression method " + std::to_string(e.method) +
+          ", which PyTorch files never use";
+    // deflate never shrinks data by more than 1032:1: a bigger claim is a damaged size field,
+    // and would have the reader allocate it
+    if (e.usize > e.size * 1032 + 1024)
+      return "its member " + name + " claims " + std::to_string(e.usize) + " bytes from " +
+          std::to_string(e.size) + " compressed ones";
+    std::vector<unsigned char> data;
+    std::string why;
+    if (!inflated(e, data, why)) return why;
+    return crc32_update(0, data.data(), data.size()) == e.crc ? "" : bad_crc(name);
+  }
+
+  // The member's uncompressed bytes; false (and `why`, "" when torch's reader cannot open the
+  // archive at all: torch::jit::load then says why) if they cannot be had.
+  bool bytes(const ZipEntry &e, std::vector<unsigned char> &data, std::string &why)
+  {
+    if (e.method == 0) {
+      const uint64_t start = member_data_offset(fp_, e);
+      why = "its member " + member_name(e.name) + " does not read back";
+      return start != std::string::npos && e.size < (uint64_t(1) << 31) &&
+          read_at(fp_, start, e.size, data);
+    }
+    return inflated(e, data, why);
+  }
+
+ private:
+  std::string bad_crc(const std::string &name) const
+  {
+    return "its member " + name + " fails the zip CRC-32 check (corrupted on disk or in "
+        "transfer?)";
+  }
+
+  uint64_t file_size()
+  {
+    if (size_ == 0 && fseeko(fp_, 0, SEEK_END) == 0) size_ = static_cast<uint64_t>(ftello(fp_));
+    return size_;
+  }
+
+  bool inflated(const ZipEntry &e, std::vector<unsigned char> &data, std::string &why)
+  {
+    why.clear();
+    if (!opened_) {
+      opened_ = true;
+      try {
+        torch_reader_ = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path_);
+      } catch (const std::exception &) {
+        torch_reader_.reset();    // torch::jit::load will fail on it and say why
+      }
+    }
+    if (!torch_reader_) return false;
+    try {
+      auto record = torch_reader_->getRecord(member_name(e.name));
+      const auto *p = static_cast<const unsigned char *>(std::get<0>(record).get());
+      data.assign(p, p + std::get<1>(record));
+      return true;
+    } catch (const std::exception &ex) {
+      why = "its member " + member_name(e.name) + " does not inflate (" +
+          last_line_of(error_text(ex)) + ")";
+      return false;
+    }
+  }
+
+  std::FILE *fp_;
+  std::string path_;
+  uint64_t size_ = 0;
+  bool opened_ = false;
+  std::unique_ptr<caffe2::serialize::PyTorchStreamReader> torch_reader_;
+};
+
+// ---------------------------------------------------------------- data.pkl, scanned
+// What data.pkl says of the tensor records, read without unpickling anything: the records
+// (BINPERSID ('storage', torch.<Kind>Storage, key, location, numel)) and the tensor views on
+// them (torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)). A stack machine
+// over the opcodes torch's pickler writes; every object is opaque.
+struct PickleItem {
+  enum Kind { OTHER, MARK, INT, STRING, GLOBAL, TUPLE, STORAGE } kind = OTHER;
+  int64_t number = 0;                              // INT; STORAGE: index in storages
+  std::string text, name;                          // STRING; GLOBAL: module, name
+  std::vector<std::shared_ptr<PickleItem>> items;  // TUPLE
+};
+using PickleRef = std::shared_ptr<PickleItem>;
+
+struct StorageRecord {
+  std::string kind, key;
+  int64_t numel;
+};
+struct TensorView {
+  size_t storage;
+  int64_t offset;
+  std::vector<int64_t> size, stride;
+};
+struct PickleScan {
+  std::vector<StorageRecord> storages;
+  std::vector<TensorView> views;
+};
+
+// false: not a pickle this scan follows (then torch decides, as in the Python door).
+bool scan_pickle(const std::vector<unsigned char> &pkl, PickleScan &out)
+{
+  std::vector<PickleRef> stack;
+  std::unordered_map<uint64_t, PickleRef> memo;
+  size_t p = 0;
+  auto item = [](PickleItem::Kind kind) {
+    auto it = std::make_shared<PickleItem>();
+    it->kind = kind;
+    return it;
+  };
+  auto has = [&](size_t n) { return n <= pkl.size() && p <= pkl.size() - n; };
+  auto uint_at = [&](size_t n, uint64_t &v) {
+    if (!has(n)) return false;
+    v = le(&pkl[p], static_cast<int>(n));
+    p += n;
+    return true;
+  };
+  auto pop = [&](PickleRef &v) {
+    if (stack.empty() || stack.back()->kind == PickleItem::MARK) return false;
+    v = stack.back();
+    stack.pop_back();
+    return true;
+  };
+  auto pop_to_mark = [&](std::vector<PickleRef> &items) {
+    size_t k = stack.size();
+    while (k > 0 && stack[k - 1]->kind != PickleItem::MARK) --k;
+    if (k == 0) return false;
+    items.assign(stack.begin() + static_cast<long>(k), stack.end());
+    stack.resize(k - 1);
+    return true;
+  };
+  auto line = [&](std::string &text) {
+    const auto end = std::find(pkl.begin() + static_cast<long>(p), pkl.end(), '\n');
+    if (end == pkl.end()) return false;
+    text.assign(pkl.begin() + static_cast<long>(p), end);
+    p = static_cast<size_t>(end - pkl.begin()) + 1;
+    return true;
+  };
+  auto tuple_of = [&](std::vector<PickleRef> items) {
+    auto t = item(PickleItem::TUPLE);
+    t->items = std::move(items);
+    stack.push_back(t);
+  };
+  auto int_items = [](const PickleRef &t, std::vector<int64_t> &values) {
+    if (t->kind != PickleItem::TUPLE) return false;
+    values.clear();
+    for (const auto &v : t->items) {
+      if (v->kind != PickleItem::INT) return false;
+      values.push_back(v->number);
+    }
+    return true;
+  };
+  const size_t kMaxStack = 1u << 20;
+  while (p < pkl.size()) {
+    if (stack.size() > kMaxStack) return false;
+    const unsigned char op = pkl[p++];
+    uint64_t n = 0;
+    PickleRef a, b;
+    std::vector<PickleRef> items;
+    switch (op) {
+      case 0x80: if (!uint_at(1, n)) return false; break;                       // PROTO
+      case 0x95: if (!uint_at(8, n)) return false; break;                       // FRAME
+      case '.': return stack.size() == 1;                                        // STOP
+      case '(': stack.push_back(item(PickleItem::MARK)); break;
+      case '0': if (!pop(a)) return false; break;                                // POP
+      case '1': if (!pop_to_mark(items)) return false; break;                    // POP_MARK
+      case '2': if (stack.empty()) return false; stack.push_back(stack.back()); break;  // DUP
+      case 'N': case 0x88: case 0x89: stack.push_back(item(PickleItem::OTHER)); break;
+      case 'J': case 'K': case 'M': case 0x8a: {                                 // integers
+        const size_t bytes = op == 'J' ? 4 : op == 'K' ? 1 : op == 'M' ? 2 : 0;
+        size_t len = bytes;
+        if (op == 0x8a) {                                                        // LONG1
+          if (!uint_at(1, n)) return false;
+          len = static_cast<size_t>(n);
+        }
+        if (!has(len)) return false;
+        auto v = item(len <= 8 ? PickleItem::INT : PickleItem::OTHER);
+        if (len > 0 && len <= 8) {
+          uint64_t u = le(&pkl[p], static_cast<int>(len));
+          const bool is_signed = op == 'J' || op == 0x8a;
+          if (is_signed && len < 8 && (u >> (8 * len - 1)) & 1u) u |= ~uint64_t(0) << (8 * len);
+          v->number = static_cast<int64_t>(u);
+        }
+        p += len;
+        stack.push_back(v);
+        break;
+      }
+      case 'G': if (!uint_at(8, n)) return false; stack.push_back(item(PickleItem::OTHER)); break;
+      case 'X': case 0x8c: case 0x8d: case 'T': case 'U':                        // strings
+      case 'B': case 'C': case 0x8e: {                                           // bytes
+        const size_t width = (op == 0x8c || op == 'U' || op == 'C') ? 1
+                             : (op == 0x8d || op == 0x8e) ? 8 : 4;
+        if (!uint_at(width, n) || !has(static_cast<size_t>(n))) return false;
+        const bool text = !(op == 'B' || op == 'C' || op == 0x8e);
+        auto v = item(text ? PickleItem::STRING : PickleItem::OTHER);
+        if (text) v->text.assign(pkl.begin() + static_cast<long>(p),
+                                 pkl.begin() + static_cast<long>(p + n));
+        p += static_cast<size_t>(n);
+        stack.push_back(v);
+        break;
+      }
+      case 'c': {                                                                // GLOBAL
+        auto g = item(PickleItem::GLOBAL);
+        if (!line(g->text) || !line(g->name)) return false;
+        stack.push_back(g);
+        break;
+      }
+      case 0x93: {                                                               // STACK_GLOBAL
+        if (!pop(b) || !pop(a) || a->kind != PickleItem::STRING || b->kind != PickleItem::STRING)
+          return false;
+        auto g = item(PickleItem::GLOBAL);
+        g->text = a->text;
+        g->name = b->text;
+        stack.push_back(g);
+        break;
+      }
+      case ')': tuple_of({}); break;                                             // EMPTY_TUPLE
+      case 't': if (!pop_to_mark(items)) return false; tuple_of(items); break;   // TUPLE
+      case 0x85: case 0x86: case 0x87: {                                         // TUPLE1..3
+        items.resize(static_cast<size_t>(op - 0x84));
+        for (size_t k = items.size(); k > 0; --k)
+          if (!pop(items[k - 1])) return false;
+        tuple_of(items);
+        break;
+      }
+      case ']': case '}': case 0x8f: stack.push_back(item(PickleItem::OTHER)); break;
+      case 'l': case 'd': case 0x91:                                             // LIST DICT FROZENSET
+        if (!pop_to_mark(items)) return false;
+        stack.push_back(item(PickleItem::OTHER));
+        break;
+      case 'a': if (!pop(a) || stack.empty()) return false; break;               // APPEND
+      case 's': if (!pop(a) || !pop(b) || stack.empty()) return false; break;    // SETITEM
+      case 'e': case 'u': case 0x90:                                             // APPENDS SETITEMS ADDITEMS
+        if (!pop_to_mark(items) || stack.empty()) return false;
+        break;
+      case 'q': case 'r': case 0x94: {                                           // BINPUT, MEMOIZE
+        if (op == 'q' && !uint_at(1, n)) return false;
+        if (op == 'r' && !uint_at(4, n)) return false;
+        if (op == 0x94) n = memo.size();
+        if (stack.empty() || memo.size() > kMaxStack) return false;
+        memo[n] = stack.back();
+        break;
+      }
+      case 'h': case 'j': {                                                      // BINGET
+        if (!uint_at(op == 'h' ? 1 : 4, n)) return false;
+        const auto found = memo.find(n);
+        if (found == memo.end()) return false;
+        stack.push_back(found->second);
+        break;
+      }
+      case 'Q': {                                                                // BINPERSID
+        if (!pop(a) || a->kind != PickleItem::TUPLE || a->items.size() != 5) return false;
+        const auto &f = a->items;
+        if (f[0]->kind != PickleItem::STRING || f[0]->text != "storage" ||
+            f[1]->kind != PickleItem::GLOBAL || f[4]->kind != PickleItem::INT ||
+            (f[2]->kind != PickleItem::STRING && f[2]->kind != PickleItem::INT))
+          return false;
+        StorageRecord rec;
+        rec.kind = f[1]->name;
+        rec.key = f[2]->kind == PickleItem::STRING ? f[2]->text : std::to_string(f[2]->number);
+        rec.numel = f[4]->number;
+        auto s = item(PickleItem::STORAGE);
+        s->number = static_cast<int64_t>(out.storages.size());
+        out.storages.push_back(rec);
+        stack.push_back(s);
+        break;
+      }
+      case 'R': {                                                                // REDUCE
+        if (!pop(b) || !pop(a)) return false;
+        if (a->kind == PickleItem::GLOBAL && a->text == "torch._utils" &&
+            a->name == "_rebuild_tensor_v2") {
+          if (b->kind != PickleItem::TUPLE || b->items.size() < 4) return false;
+          TensorView view;
+          if (b->items[1]->kind != PickleItem::INT || !int_items(b->items[2], view.size) ||
+              !int_items(b->items[3], view.stride))
+            return false;
+          view.offset = b->items[1]->number;
+          if (b->items[0]->kind == PickleItem::STORAGE) {
+            view.storage = static_cast<size_t>(b->items[0]->number);
+            out.views.push_back(view);
+          }
+        }
+        stack.push_back(item(PickleItem::OTHER));
+        break;
+      }
+      case 0x81: if (!pop(b) || !pop(a)) return false;                           // NEWOBJ
+        stack.push_back(item(PickleItem::OTHER));
+        break;
+      case 'b': if (!pop(a) || stack.empty()) return false; break;               // BUILD
+      default: return false;    // an opcode torch's pickler does not write
+    }
+  }
+  return false;    // no STOP
+}
+
+// Bytes per element of the storage classes torch pickles (file_kinds._ELEMENT_BYTES).
+int64_t element_bytes(const std::string &kind)
+{
+  static const std::map<std::string, int64_t> sizes = {
+      {"DoubleStorage", 8}, {"FloatStorage", 4}, {"HalfStorage", 2}, {"BFloat16Storage", 2},
+      {"LongStorage", 8}, {"IntStorage", 4}, {"ShortStorage", 2}, {"CharStorage", 1},
+      {"ByteStorage", 1}, {"BoolStorage", 1}, {"ComplexDoubleStorage", 16},
+      {"ComplexFloatStorage", 8}, {"UntypedStorage", 1}};
+  const auto it = sizes.find(kind);
+  return it == sizes.end() ? 0 : it->second;
+}
+
+// Whether every tensor record has the size data.pkl gives it and every tensor fits in its
+// record (file_kinds.storage_mismatch); "" if so or if the scan cannot follow data.pkl.
+std::string record_problem(const std::vector<ZipEntry> &entries, MemberReader &members)
+{
+  const ZipEntry *pickle = nullptr;
+  for (const ZipEntry &e : entries)
+    if (ends_with(e.name, "/data.pkl") && e.name.find('/') == e.name.size() - 9) {
+      pickle = &e;
+      break;
+    }
+  if (!pickle) return "";
+  const std::string root = pickle->name.substr(0, pickle->name.size() - 9);
+  std::vector<unsigned char> pkl;
+  std::string why;
+  PickleScan scan;
+  if (!members.bytes(*pickle, pkl, why) || !scan_pickle(pkl, scan)) return "";
+  std::map<std::string, uint64_t> sizes;
+  for (const ZipEntry &e : entries) sizes.emplace(e.name, e.usize);
+  for (const StorageRecord &rec : scan.storages) {
+    const auto found = sizes.find(root + "/data/" + rec.key);
+    if (found == sizes.end()) return "its tensor record data/" + rec.key + " is missing";
+    const int64_t element = element_bytes(rec.kind);
+    if (element > 0 && (rec.numel < 0 || found->second != static_cast<uint64_t>(rec.numel) *
+                                                              static_cast<uint64_t>(element)))
+      return "its tensor record data/" + rec.key + " holds " + std::to_string(found->second) +
+          " bytes where data.pkl expects " + std::to_string(rec.numel) + " x " +
+          std::to_string(element) + " (" + rec.kind + "); records from another file?";
+  }
+  for (const TensorView &v : scan.views) {
+    if (v.size.size() != v.stride.size()) continue;
+    if (std::any_of(v.size.begin(), v.size.end(), [](int64_t n) { return n == 0; })) continue;
+    const StorageRecord &rec = scan.storages[v.storage];
+    // in double: a damaged size or stride must not overflow the sum
+    double end = static_cast<double>(v.offset) + 1.0;
+    for (size_t k = 0; k < v.size.size(); ++k)
+      end += static_cast<double>(v.size[k] - 1) * std::fabs(static_cast<double>(v.stride[k]));
+    if (v.offset < 0 || end > static_cast<double>(rec.numel)) {
+      std::string shape;
+      for (int64_t n : v.size) shape += (shape.empty() ? "" : ", ") + std::to_string(n);
+      return "a tensor of shape [" + shape + "] reaches element " + number_text(end) +
+          " of its record data/" + rec.key + ", which holds " + std::to_string(rec.numel);
+    }
+  }
+  return "";
+}
+
+/* Why a TorchScript archive is damaged ("" if it is not): a name twice, a member failing its
+   CRC-32, a tensor record of another size than data.pkl says. Reads the whole file once. */
+std::string archive_damage(std::FILE *fp, const std::string &path)
+{
+  std::vector<ZipEntry> entries;
+  if (read_zip_directory(fp, entries) != ZipStatus::OK) return "";    // archive_problem's
+  std::set<std::string> seen;
+  for (const ZipEntry &e : entries)
+    if (!seen.insert(e.name).second)
+      return "its archive holds " + member_name(e.name) + " more than once";
+  MemberReader members(fp, path);
+  for (const ZipEntry &e : entries) {
+    const std::string problem = members.crc_problem(e);
+    if (!problem.empty()) return problem;
+  }
+  return record_problem(entries, members);
+}
+
+// ---------------------------------------------------------------- the weights digest
+// SHA-1 (FIPS 180-4), streamed: the digest the exporter records (transip_md/export/
+// weights_digest.py; byte layout in export/CONTRACT.md, "The weights digest").
+class Sha1 {
+ public:
+  void update(const void *data, size_t n)
+  {
+    const auto *p = static_cast<const unsigned char *>(data);
+    bytes_ += n;
+    while (n > 0) {
+      const size_t take = std::min(n, sizeof(block_) - used_);
+      std::memcpy(block_ + used_, p, take);
+      used_ += take;
+      p += take;
+      n -= take;
+      if (used_ == sizeof(block_)) {
+        compress();
+        used_ = 0;
+      }
+    }
+  }
+
+  std::string hex()
+  {
+    const uint64_t bits = bytes_ * 8;
+    const unsigned char one = 0x80, zero = 0;
+    update(&one, 1);
+    while (used_ != 56) update(&zero, 1);
+    unsigned char length[8];
+    for (int k = 0; k < 8; ++k) length[k] = static_cast<unsigned char>(bits >> (56 - 8 * k));
+    update(length, 8);
+    char out[41];
+    for (int k = 0; k < 5; ++k) std::snprintf(out + 8 * k, 9, "%08x", h_[k]);
+    return std::string(out, 40);
+  }
+
+ private:
+  static uint32_t rotl(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
+
+  void compress()
+  {
+    uint32_t w[80];
+    for (int t = 0; t < 16; ++t)
+      w[t] = uint32_t(block_[4 * t]) << 24 | uint32_t(block_[4 * t + 1]) << 16 |
+             uint32_t(block_[4 * t + 2]) << 8 | uint32_t(block_[4 * t + 3]);
+    for (int t = 16; t < 80; ++t) w[t] = rotl(w[t - 3] ^ w[t - 8] ^ w[t - 14] ^ w[t - 16], 1);
+    uint32_t a = h_[0], b = h_[1], c = h_[2], d = h_[3], e = h_[4];
+    for (int t = 0; t < 80; ++t) {
+      uint32_t f, k;
+      if (t < 20) f = (b & c) | (~b & d), k = 0x5A827999u;
+      else if (t < 40) f = b ^ c ^ d, k = 0x6ED9EBA1u;
+      else if (t < 60) f = (b & c) | (b & d) | (c & d), k = 0x8F1BBCDCu;
+      else f = b ^ c ^ d, k = 0xCA62C1D6u;
+      const uint32_t next = rotl(a, 5) + f + e + k + w[t];
+      e = d;
+      d = c;
+      c = rotl(b, 30);
+      b = a;
+      a = next;
+    }
+    h_[0] += a, h_[1] += b, h_[2] += c, h_[3] += d, h_[4] += e;
+  }
+
+  uint32_t h_[5] = {0x67452301u, 0xEFCDAB89u, 0x98BADCFEu, 0x10325476u, 0xC3D2E1F0u};
+  unsigned char block_[64] = {};
+  size_t used_ = 0;
+  uint64_t bytes_ = 0;
+};
+
+// torch's Python name of a dtype, without "torch." ("" for one the digest does not cover).
+std::string dtype_python_name(c10::ScalarType t)
+{
+  switch (t) {
+    case c10::kDouble: return "float64";
+    case c10::kFloat: return "float32";
+    case c10::kHalf: return "float16";
+    case c10::kBFloat16: return "bfloat16";
+    case c10::kLong: return "int64";
+    case c10::kInt: return "int32";
+    case c10::kShort: return "int16";
+    case c10::kChar: return "int8";
+    case c10::kByte: return "uint8";
+    case c10::kBool: return "bool";
+    case c10::kComplexFloat: return "complex64";
+    case c10::kComplexDouble: return "complex128";
+    default: return "";
+  }
+}
+
+// Every parameter and buffer by dotted name, in name order (the digest's order).
+std::map<std::string, at::Tensor> named_weights(const torch::jit::Module &module)
+{
+  std::map<std::string, at::Tensor> out;
+  for (const auto &p : module.named_parameters(true)) out[p.name] = p.value;
+  for (const auto &b : module.named_buffers(true)) out[b.name] = b.value;
+  return out;
+}
+
+// "sha1:<hex>" of the weights, or "" with `unsupported` set to a tensor of a dtype it skips.
+std::string weights_digest(const std::map<std::string, at::Tensor> &weights,
+                           std::string &unsupported)
+{
+  Sha1 sha;
+  for (const auto &w : weights) {
+    const at::Tensor t = w.second.detach().to(torch::kCPU).contiguous();
+    const std::string dtype = dtype_python_name(t.scalar_type());
+    if (dtype.empty()) {
+      unsupported = w.first + " (" + std::string(c10::toString(t.scalar_type())) + ")";
+      return "";
+    }
+    std::string shape;
+    for (int64_t n : t.sizes()) shape += (shape.empty() ? "" : ",") + std::to_string(n);
+    const size_t nbytes = static_cast<size_t>(t.numel()) * t.element_size();
+    const std::string header = w.first + " " + dtype + " [" + shape + "] " +
+        std::to_string(nbytes) + "\n";
+    sha.update(header.data(), header.size());
+    if (nbytes > 0) sha.update(t.data_ptr(), nbytes);
+  }
+  return "sha1:" + sha.hex();
 }
 
 // The format-3 entry points a format <= 2 file is probed for (export/CONTRACT.md, section 2).
@@ -408,7 +996,90 @@ ModelMessage translate_model_error(const std::exception &e)
   return split_atom_rows(last_line_of(error_text(e)));
 }
 
-std::vector<std::string> loaded_operator_libraries() { return {}; }
+// ---------------------------------------------------------------- operator libraries
+// A fused export (python -m transip_md.export --kernels fused) calls the operator
+// transip_ops::neighbor_attention of the library libtransip_ops.so; its code resolves the
+// operator while torch::jit::load compiles it, so the library is loaded before that, from
+// $TRANSIP_OPS_LIBRARY or else the path this program was built with (TRANSIP_OPS_LIBRARY_PATH,
+// set by transip_md/lammps/build.py and export/check/build.py, which build the library).
+namespace {
+
+const char *const kOpsLibrary = "transip_ops";
+const char *const kOpsOperator = "transip_ops::neighbor_attention";
+const char *const kOpsEnv = "TRANSIP_OPS_LIBRARY";
+#ifdef TRANSIP_OPS_LIBRARY_PATH
+const char *const kOpsBuiltPath = TRANSIP_OPS_LIBRARY_PATH;
+#else
+const char *const kOpsBuiltPath = "";
+#endif
+
+bool operator_registered(const char *name)
+{
+  return c10::Dispatcher::singleton().findSchema({name, ""}).has_value();
+}
+
+// The operator_library of the archive's extra/metadata.json (a stored entry, the exporter's
+// JSON text), "" if the file declares none or the record cannot be read: the checks after
+// torch::jit::load then judge the file as before.
+std::string declared_operator_library(const std::string &path)
+{
+  std::FILE *fp = std::fopen(path.c_str(), "rb");
+  if (!fp) return "";
+  std::vector<ZipEntry> entries;
+  std::string library;
+  if (read_zip_directory(fp, entries) == ZipStatus::OK) {
+    for (const ZipEntry &e : entries) {
+      if (!ends_with(e.name, "/extra/metadata.json") || e.method != 0 ||
+          e.size > (uint64_t(1) << 26))
+        continue;
+      std::vector<unsigned char> head, data;
+      if (!read_at(fp, e.local_offset, 30, head) || le(head.data(), 4) != 0x04034b50) break;
+      const uint64_t start = e.local_offset + 30 + le(&head[26], 2) + le(&head[28], 2);
+      if (read_at(fp, start, e.size, data))
+        json_string_at(std::string(data.begin(), data.end()), {"operator_library"}, library);
+      break;
+    }
+  }
+  std::fclose(fp);
+  return library;
+}
+
+// Loads libtransip_ops.so for the model file `path` unless its operator is registered already.
+void load_operator_library(const std::string &path, const Reader &reader)
+{
+  if (operator_registered(kOpsOperator)) return;
+  const char *env = std::getenv(kOpsEnv);
+  const bool from_env = env && *env;
+  const std::string library = from_env ? env : kOpsBuiltPath;
+  const std::string what_to_do =
+      "; set " + std::string(kOpsEnv) + " to a libtransip_ops.so built for this libtorch "
+      "(python -c 'import transip_md.ops as o; print(o.library_path())' builds one and prints "
+      "its path), or export the reference path, which needs no library: python -m "
+      "transip_md.export <checkpoint> model.pt --kernels reference";
+  if (library.empty())
+    throw ModelFileError(in_quotes(path) + " is a fused export: it needs the operator library '" +
+                         kOpsLibrary + "', and " + reader.program + " was built without a path to "
+                         "it and " + kOpsEnv + " is not set" + what_to_do);
+  const std::string source = from_env ? std::string("$") + kOpsEnv : "the path built in";
+  if (!dlopen(library.c_str(), RTLD_NOW | RTLD_GLOBAL)) {
+    const char *why = dlerror();
+    throw ModelFileError(in_quotes(path) + " is a fused export: it needs the operator library '" +
+                         kOpsLibrary + "', which could not be loaded from " + in_quotes(library) +
+                         " (" + source + "): " + (why ? why : "dlopen failed") + what_to_do);
+  }
+  if (!operator_registered(kOpsOperator))
+    throw ModelFileError(in_quotes(path) + " needs the operator " + kOpsOperator + ", but " +
+                         in_quotes(library) + " (" + source + ") does not register it (not a "
+                         "transip_ops library of this transip-md)" + what_to_do);
+}
+
+}    // namespace
+
+std::vector<std::string> loaded_operator_libraries()
+{
+  if (operator_registered(kOpsOperator)) return {kOpsLibrary};
+  return {};
+}
 
 // ---------------------------------------------------------------- the file
 Model Model::load(const std::string &path, const torch::Device &device, const Reader &reader)
@@ -416,16 +1087,39 @@ Model Model::load(const std::string &path, const torch::Device &device, const Re
   struct stat st {};
   if (stat(path.c_str(), &st) != 0)
     throw ModelFileError("cannot open model file " + in_quotes(path) + ": " + std::strerror(errno));
-  if (S_ISDIR(st.st_mode))
-    throw ModelFileError("model path " + in_quotes(path) + " is a directory, not a model file");
-  std::FILE *fp = std::fopen(path.c_str(), "rb");
-  if (!fp)
+  // a FIFO would block the open (and the program) until a writer comes: refuse what is no
+  // regular file before opening it, in the words of transip_md/file_kinds.py (not_a_file)
+  if (!S_ISREG(st.st_mode))
+    throw ModelFileError("model path " + in_quotes(path) + " is " + file_type_words(st.st_mode) +
+                         ", not a model file");
+  // O_NONBLOCK: should the path have become a FIFO since stat(), open() must not wait either
+  const int fd = open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0)
     throw ModelFileError("cannot open model file " + in_quotes(path) + ": " + std::strerror(errno));
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    close(fd);
+    throw ModelFileError("model path " + in_quotes(path) + " is " + file_type_words(st.st_mode) +
+                         ", not a model file");
+  }
+  std::FILE *fp = fdopen(fd, "rb");
+  if (!fp) {
+    close(fd);
+    throw ModelFileError("cannot open model file " + in_quotes(path) + ": " + std::strerror(errno));
+  }
   // files torch::jit::load would refuse with an obscure message (a training checkpoint gets
-  // "constants.pkl not found"): say what they are
-  const std::string problem = archive_problem(fp, path, reader);
+  // "constants.pkl not found"): say what they are; then what torch does not check (CRC-32s,
+  // tensor record sizes)
+  std::string problem = archive_problem(fp, path, reader);
+  if (problem.empty()) {
+    const std::string damage = archive_damage(fp, path);
+    if (!damage.empty())
+      problem = in_quotes(path) + " is damaged: " + damage +
+          "; copy it again or export the model again (python -m transip_md.export)";
+  }
   std::fclose(fp);
   if (!problem.empty()) throw ModelFileError(problem);
+
+  if (declared_operator_library(path) == kOpsLibrary) load_operator_library(path, reader);
 
   Model m;
   m.path_ = path;
@@ -463,6 +1157,7 @@ Model Model::load(const std::string &path, const torch::Device &device, const Re
     m.probe_declaration();
   }
   m.check_declaration(reader);
+  m.check_weights();
 
   m.dtype_ = torch::kFloat64;
   for (const auto &p : mod.parameters()) {
@@ -628,8 +1323,10 @@ void Model::check_declaration(const Reader &reader)
       throw ModelFileError(in_quotes(path_) + " needs the operator library '" + operator_library_ +
                            "', which is not loaded in " + reader.program +
                            "; build " + reader.program +
-                           " with transip-md's compiled operators, or export the reference "
-                           "path (no operator library) with python -m transip_md.export");
+                           " with transip-md's compiled operators (or set " + kOpsEnv +
+                           "), or export the reference path (no operator library) with "
+                           "python -m transip_md.export <checkpoint> model.pt --kernels "
+                           "reference");
   }
   if (!torch_version_.empty()) {
     const std::string major = torch_version_.substr(0, torch_version_.find('.'));
@@ -639,6 +1336,43 @@ void Model::check_declaration(const Reader &reader)
                           " (another major version); re-export it if loading or results look "
                           "wrong");
   }
+}
+
+// The loaded weights: finite, and (files that record one) equal to the digest of the export.
+void Model::check_weights()
+{
+  const std::map<std::string, at::Tensor> weights = named_weights(module_);
+  for (const auto &w : weights) {
+    const at::Tensor &t = w.second;
+    if ((t.is_floating_point() || t.is_complex()) && t.numel() > 0 &&
+        !torch::isfinite(t.detach()).all().item<bool>())
+      throw ModelFileError(in_quotes(path_) + " is damaged: its weight " + w.first +
+                           " holds NaN or infinite values; " + REEXPORT);
+  }
+  if (!module_.hasattr("metadata_json") || !module_.attr("metadata_json").isString()) return;
+  const std::string &json = module_.attr("metadata_json").toStringRef();
+  const size_t at = json_value_at(json, {"weights_digest"});
+  if (at == std::string::npos) return;    // exported before the digest existed: not checked
+  std::string recorded;
+  if (json[at] != '"' || !json_string_at(json, {"weights_digest"}, recorded) ||
+      recorded.find(':') == std::string::npos)
+    throw ModelFileError(in_quotes(path_) + " has an invalid weights_digest in its metadata; " +
+                         REEXPORT);
+  if (recorded.compare(0, 5, "sha1:") != 0) {
+    warnings_.push_back(in_quotes(path_) + ": its weights digest is of an algorithm this build "
+                        "does not compute; the weights are not checked");
+    return;
+  }
+  std::string unsupported;
+  const std::string digest = weights_digest(weights, unsupported);
+  if (digest.empty()) {
+    warnings_.push_back(in_quotes(path_) + ": the weight " + unsupported +
+                        " has a dtype the weights digest does not cover; not checked");
+    return;
+  }
+  if (digest != recorded)
+    throw ModelFileError(in_quotes(path_) + ": its weights do not match the digest recorded at "
+                         "export (damaged or edited file): " + REEXPORT);
 }
 
 void Model::require(const std::vector<std::string> &entries, const std::string &who) const

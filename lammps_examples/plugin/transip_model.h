@@ -4,8 +4,11 @@
    transip_check). libtorch and the C++ standard library only: no LAMMPS, no MPI.
 
    transip::Model::load(path, device, reader) does, in this order:
-     1. the file: exists, is a zip archive, holds TorchScript code (a training checkpoint, a
-        torch.save() file, a truncated copy are each named as what they are);
+     1. the file: exists, is a regular file (a directory, FIFO or device is refused before it
+        is opened), is a zip archive, holds TorchScript code (a training checkpoint, a
+        torch.save() file, a truncated copy are each named as what they are), and is intact:
+        every member passes its zip CRC-32, no name occurs twice, every tensor record has the
+        size data.pkl gives it (torch::jit::load checks none of these);
      2. torch::jit::load on the requested device;
      3. format_version: 1 .. kMaxFormatVersion, else refused (0: scripted, never exported);
      4. the declaration: format 3 files carry it as typed attributes (capabilities, limits,
@@ -13,7 +16,9 @@
         else (find_method, element_list(), metadata_json). Entry points of format 2 carry old
         names, resolved through kFormat2Aliases: callers use the format-3 names only;
      5. the operator library, which must be loaded in this process ("" = none needed);
-     6. the exporter's torch major version against this build's (a warning).
+     6. the exporter's torch major version against this build's (a warning);
+     7. the weights: finite, and equal to the weights_digest the export recorded (files
+        without one, exported before it existed, are not compared).
    Model::require(entries, who) then refuses a file that lacks an entry point the caller
    needs, saying to re-export it. Errors are ModelFileError (message names the file and what
    to do); the caller adds its own prefix and reports them its own way.
@@ -91,7 +96,7 @@ struct Reader {
 
 class Model {
  public:
-  // Steps 1-6 above; throws ModelFileError.
+  // Steps 1-7 above; throws ModelFileError.
   static Model load(const std::string &path, const torch::Device &device, const Reader &reader);
 
   // Refuses (ModelFileError) a file without one of `entries` (format-3 names), naming the
@@ -149,6 +154,7 @@ class Model {
   void read_declaration();
   void probe_declaration();
   void check_declaration(const Reader &reader);
+  void check_weights();
 
   std::string path_;
   torch::jit::Module module_;

@@ -14,6 +14,8 @@ import openmm
 import openmm.app
 from openmmml.mlpotential import MLPotentialImpl, MLPotentialImplFactory
 
+from transip_md import file_kinds  # standard library only: no torch import here
+
 
 def _default_model_path() -> str:
     try:
@@ -91,9 +93,9 @@ class TransIPPotentialImpl(MLPotentialImpl):
     model cutoff (perpendicular widths) is refused with a ValueError when the System is built.
 
     Errors are raised when the System is built, not at the first step: a missing model file
-    (FileNotFoundError, already in ``MLPotential(...)``), an atom without element, an element
-    the model does not know, an impossible charge/multiplicity, a box that is too small, or an
-    unknown option (ValueError).
+    (FileNotFoundError, already in ``MLPotential(...)``; a directory or FIFO there: ValueError,
+    also there), an atom without element, an element the model does not know, an impossible
+    charge/multiplicity, a box that is too small, or an unknown option (ValueError).
     """
 
     #: Options openmm-ml's embeddings forward to addForces; accepted and not used here.
@@ -103,8 +105,8 @@ class TransIPPotentialImpl(MLPotentialImpl):
         self.name = name
         path = Path(os.fspath(modelPath) if modelPath is not None else _default_model_path())
         path = path.expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"TransIP model file not found: {path}")
+        # missing: FileNotFoundError; a directory, FIFO or device: ValueError saying which
+        file_kinds.check_regular_file(path, "TransIP model file")
         self.modelPath = str(path)
 
     def addForces(

@@ -34,6 +34,7 @@ from ase.data import atomic_numbers as _ASE_ATOMIC_NUMBERS
 from ase.data import chemical_symbols as _ASE_SYMBOLS
 from torch import Tensor, nn
 
+from transip_md import file_kinds
 from transip_md.model_errors import ScriptError, translate_model_error
 from transip_md.units import ANGSTROM_PER_NM, KJ_PER_MOL_PER_EV
 
@@ -504,6 +505,7 @@ def make_torch_force(
 
     Raises:
         FileNotFoundError: the model file does not exist.
+        ValueError (also): the path is a directory, FIFO or device, not a model file.
         ValueError: an atom without element, an element the model does not know, an impossible
             charge/multiplicity, or a periodic box narrower than the model cutoff.
         ImportError: OpenMM-Torch cannot be imported (the message says what to install).
@@ -521,8 +523,8 @@ def make_torch_force(
         model_name = "the given model"
     else:
         path = Path(os.fspath(model_path)).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"TransIP model file not found: {path}")
+        # missing: FileNotFoundError; a directory, FIFO or device: ValueError saying which
+        file_kinds.check_regular_file(path, "TransIP model file")
         model = _load_model(str(path))
         model_name = str(path)
 

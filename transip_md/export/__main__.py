@@ -6,12 +6,22 @@
   python -m transip_md.export transip-demo model.pt               # the same, by name
   python -m transip_md.export runs/s/ckpt.pt model.pt --force     # replace a previous export
   python -m transip_md.export --info model.pt                     # print metadata, run nothing
+  python -m transip_md.export runs/s/ckpt.pt fast.pt --kernels fused  # the compiled fast path
 
 The output is always the LAST path. Export writes only new files or previous exports: an
 existing exported transip-md model is replaced only with --force, and anything else (a
 training checkpoint, data, a text file) is never written over, --force or not. The new file is
 written beside the output, checked against the eager model, and only then renamed into place,
 so a failed check leaves an existing file as it was.
+
+--kernels reference (default) writes pure TorchScript, loadable by any engine with a matching
+torch. --kernels fused writes the fast path: each attention layer calls the fused operator
+transip_ops::neighbor_attention. Exporting builds that library (a C++ compiler and the torch
+headers; or set TRANSIP_OPS_LIBRARY to a built libtransip_ops.so), the file declares
+operator_library "transip_ops", and every engine that loads it must load the library too: the
+Python door, the ASE calculator and OpenMM do it themselves; the LAMMPS plugin and the check
+program use TRANSIP_OPS_LIBRARY or the library path compiled into them. The check compares a
+fused export with the eager reference model. Training always runs the reference path.
 """
 
 import argparse
@@ -21,8 +31,8 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..cli import run_cli
-from .checkpoint_export import (DEFAULT_MODEL_NAME, check_export_target, export_checkpoint,
-                                resolve_checkpoint)
+from .checkpoint_export import (DEFAULT_MODEL_NAME, KERNELS, check_export_target,
+                                export_checkpoint, resolve_checkpoint)
 from .model_file import read_metadata
 
 
@@ -38,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--info", action="store_true", help="print the metadata of an exported file")
     p.add_argument("--json", action="store_true", help="with --info: print raw JSON")
     p.add_argument("--no-check", action="store_true", help="skip the eager-vs-exported fidelity check")
+    p.add_argument("--kernels", choices=KERNELS, default="reference",
+                   help="reference: pure TorchScript, loads anywhere (default); fused: the compiled "
+                        "fast path, needs the transip_ops library wherever the file is loaded "
+                        "(built on first use; see above)")
     return p
 
 
@@ -49,6 +63,8 @@ def print_info(meta: dict) -> None:
         ("format", f"{meta['kind']} v{meta['format_version']} (transip-md {meta['transip_md_version']}, torch {meta['torch_version']})"),
         ("model", meta.get("model_name", "?")),
         ("dtype", meta["dtype"]),
+        ("kernels", f"fused (needs the operator library {meta['operator_library']})"
+                    if meta.get("operator_library") else "reference (no operator library)"),
         ("elements", " ".join(meta["elements"])),
         ("cutoff", f"{meta['cutoff']} Å"),
         ("layers", str(meta["num_layers"])),
@@ -99,10 +115,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if ckpt is None:
         print(f"exporting the shipped model {DEFAULT_MODEL_NAME} ({ckpt_path}) to {out}", flush=True)
     meta = export_checkpoint(ckpt_path, out, dtype=args.dtype, check=not args.no_check,
-                             replace_export=args.force)
+                             replace_export=args.force, kernels=args.kernels)
     fid = meta.get("fidelity_check")
     check = (f"; exported = eager to {max(fid.values()):.1e} relative" if fid else "")
-    print(f"wrote {out} ({meta['dtype']}, elements {' '.join(meta['elements'])}, cutoff {meta['cutoff']} Å{check})")
+    kernels = "fused, needs transip_ops" if meta.get("operator_library") else "reference"
+    print(f"wrote {out} ({meta['dtype']}, {kernels}, elements {' '.join(meta['elements'])}, cutoff {meta['cutoff']} Å{check})")
     return 0
 
 

@@ -7,6 +7,7 @@ target, checked there against the eager model, and only then renamed into place,
 check leaves a pre-existing target untouched.
 """
 
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -28,6 +29,10 @@ PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 
 #: Relative agreement required between the eager model and the exported file.
 FIDELITY_RTOL = {"float32": 5e-5, "float64": 1e-10}
+
+#: What an export's attention layers run: the pure-TorchScript reference (loads anywhere) or
+#: the fused operator of the transip_ops library (model/fused_attention.py).
+KERNELS = ("reference", "fused")
 
 
 def default_checkpoint_path() -> Path:
@@ -151,14 +156,19 @@ def load_source_checkpoint(ckpt_path: PathLike) -> Checkpoint:
 
 
 def export_checkpoint(ckpt_path: PathLike, out_path: PathLike, dtype: str = "float32",
-                      check: bool = True, replace_export: bool = True) -> Dict[str, Any]:
+                      check: bool = True, replace_export: bool = True,
+                      kernels: str = "reference") -> Dict[str, Any]:
     """Export a checkpoint to ``out_path`` (see the module docstring for the output rule).
 
     ``out_path`` may be new or a previous export (replaced only if ``replace_export``; the
     command line passes ``--force``); anything else there is refused. With ``check`` the file
     is compared with the eager model before it is renamed into place, and nothing is written
-    if they disagree beyond ``FIDELITY_RTOL``.
+    if they disagree beyond ``FIDELITY_RTOL``. ``kernels="fused"`` exports the fused attention
+    operator (the file then needs the transip_ops library wherever it is loaded); its check
+    compares it with the eager *reference* model.
     """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got '{kernels}'")
     check_export_target(out_path, replace_export)
     check_output_path(out_path)  # before the (slow) loading and scripting
     ckpt = load_source_checkpoint(ckpt_path)
@@ -170,8 +180,17 @@ def export_checkpoint(ckpt_path: PathLike, out_path: PathLike, dtype: str = "flo
         "equivariance_error": _jsonable(ckpt.metrics.get("equivariance_error", {})),
         "source_checkpoint": str(Path(ckpt_path).name),
     }
+    potential = ckpt.potential
+    if kernels == "fused":
+        from ..model.fused_attention import OperatorUnavailable, use_fused_attention
+
+        try:  # a copy: ckpt.potential stays the reference the check compares with
+            potential = use_fused_attention(copy.deepcopy(potential))
+        except OperatorUnavailable as exc:
+            raise ModelFileError(f"--kernels fused needs the operator library: {exc}; or export "
+                                 "with --kernels reference (no library needed)") from None
     with atomic_output(out_path) as tmp:
-        meta = write_exported(ckpt.potential, tmp, dtype=dtype, extra_metadata=extra)
+        meta = write_exported(potential, tmp, dtype=dtype, extra_metadata=extra)
         if check:
             meta["fidelity_check"] = _checked_fidelity(ckpt, tmp, dtype, out_path)
         check_export_target(out_path, replace_export)  # again: the target may have appeared

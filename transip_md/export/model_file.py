@@ -1,7 +1,8 @@
 """Writing and reading the exported model file: the one door every engine walks through.
 
 The file is a TorchScript archive of a scripted :class:`TransIPPotential` (neighbour search,
-network and autograd forces inside, no custom operators) plus a JSON metadata record stored
+network and autograd forces inside; a reference export has no custom operators, a fused one
+calls ``transip_ops``, declared as its ``operator_library``) plus a JSON metadata record stored
 twice: as the module attribute ``metadata_json`` (for C++ engines) and as the archive's extra
 file ``metadata.json`` (so ``--info`` can read it without loading or running anything).
 ``export/CONTRACT.md`` documents the entry points. Readers sniff the file's kind first
@@ -26,6 +27,7 @@ from .. import units
 from ..atomic_io import atomic_output, check_output_path
 from ..model.contract import FORMAT2_ALIASES, declaration
 from ..model.potential import TransIPPotential
+from .weights_digest import DIGEST_KEY, weights_digest, weights_problem
 
 MODEL_KIND = "transip-md-model"
 #: Bump when an engine-visible entry point or attribute changes meaning.
@@ -59,7 +61,8 @@ def units_table() -> Dict[str, Dict[str, str]]:
 def build_metadata(potential: TransIPPotential, dtype: torch.dtype,
                    extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The metadata record: identity, the engine declaration (model/contract.py) and extras."""
-    declared = declaration(potential, dtype, units_table())
+    declared = declaration(potential, dtype, units_table(),
+                           operator_library=str(getattr(potential, "operator_library", "")))
     meta: Dict[str, Any] = {
         "kind": MODEL_KIND,
         "format_version": FORMAT_VERSION,
@@ -102,8 +105,12 @@ def write_exported(potential: TransIPPotential, path: PathLike, dtype: str = "fl
     if not bool(model.supported_elements.any()):
         raise ValueError("the potential declares no supported elements; was it trained?")
     meta = build_metadata(model, torch_dtype, extra_metadata)
+    meta[DIGEST_KEY] = weights_digest(model)  # recomputed by both doors on load (#18)
     _declare(model, meta)
     scripted = torch.jit.script(model)
+    if weights_digest(scripted) != meta[DIGEST_KEY]:  # what the loaders will see
+        raise RuntimeError("the scripted model's parameters and buffers differ from the eager "
+                           "model's (a transip-md bug): the weights digest would not verify")
     with atomic_output(path) as tmp:
         torch.jit.save(scripted, tmp, _extra_files={METADATA_NAME: model.metadata_json})
     return meta
@@ -123,8 +130,8 @@ def export_potential(potential: TransIPPotential, path: PathLike, dtype: str = "
 def not_exported_message(path: PathLike, kind: str) -> str:
     """Why a file of ``kind`` (see :func:`file_kinds.sniff`) is not an exported model, and
     what to do."""
-    if kind == file_kinds.DIRECTORY:
-        return f"{path} is a directory, not a model file"
+    if kind in (file_kinds.DIRECTORY, file_kinds.SPECIAL):  # "is a FIFO (named pipe), not ..."
+        return file_kinds.not_a_file(path) or f"{path} is {file_kinds.describe(kind)}"
     if kind in (file_kinds.NOT_ZIP, file_kinds.EMPTY):
         what = "an empty file" if kind == file_kinds.EMPTY else "not a TorchScript archive"
         return f"{path} is not an exported transip-md model ({what}; truncated or corrupt?)"
@@ -261,8 +268,32 @@ def check_declaration(meta: Dict[str, Any], path: PathLike, needs: Sequence[str]
 
 
 def loaded_operator_libraries() -> List[str]:
-    """Names of the transip-md operator libraries loaded in this process (none yet)."""
-    return []
+    """Names of the transip-md operator libraries loaded in this process: ``transip_ops``
+    once its operator is registered (by :func:`load_operator_library` or anything else)."""
+    from ..model.fused_attention import OPERATOR_LIBRARY, operator_registered
+
+    return [OPERATOR_LIBRARY] if operator_registered() else []
+
+
+def load_operator_library(meta: Dict[str, Any], path: PathLike) -> None:
+    """Load the operator library a file declares, before its code is loaded (TorchScript
+    resolves the operator when it compiles the file). Unknown names are left to
+    :func:`check_declaration`, which refuses them."""
+    from ..model.fused_attention import (LIBRARY_ENV, OPERATOR_LIBRARY, OperatorUnavailable,
+                                         load_operator_library as load)
+
+    if meta.get("operator_library") != OPERATOR_LIBRARY:
+        return
+    try:
+        load()
+    except OperatorUnavailable as exc:
+        raise ModelFileError(
+            f"{path} is a fused export: it needs the operator library '{OPERATOR_LIBRARY}', "
+            f"which cannot be loaded here ({exc}). Either make the library available (a C++ "
+            f"compiler and this torch's headers to build it, or ${LIBRARY_ENV} naming a built "
+            f"libtransip_ops.so), or export the reference path, which needs no library: "
+            f"python -m transip_md.export <checkpoint> {Path(path).name} --kernels reference"
+        ) from None
 
 
 def load_exported(path: PathLike, device: Union[str, torch.device] = "cpu",
@@ -273,6 +304,7 @@ def load_exported(path: PathLike, device: Union[str, torch.device] = "cpu",
     ``device``. Every Python engine (ASE calculator, OpenMM adapter, evaluate, benchmarks)
     loads through here."""
     meta, raw = _validated_metadata(Path(path))
+    load_operator_library(meta, path)
     check_declaration(meta, path, needs, who)
     _check_integrity(Path(path))
     try:
@@ -290,6 +322,9 @@ def load_exported(path: PathLike, device: Union[str, torch.device] = "cpu",
     if own_json.encode("utf-8") != raw:
         raise ModelFileError(f"{path} is damaged or was edited: its {METADATA_NAME} and the "
                              "module's metadata_json disagree; export the model again")
+    problem = weights_problem(module, meta.get(DIGEST_KEY), str(path))
+    if problem is not None:
+        raise ModelFileError(f"{path}{problem}")
     module.eval()
     return module
 

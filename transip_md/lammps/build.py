@@ -249,8 +249,30 @@ def toolchain() -> Toolchain:
 
 
 # ----------------------------------------------------------------------------- commands
+def operator_library_flags(build: bool = False) -> List[str]:
+    """``-DTRANSIP_OPS_LIBRARY_PATH="..."``: where the model door of a C++ program looks for
+    the fused-operator library ``libtransip_ops.so`` when a fused export needs it and
+    ``$TRANSIP_OPS_LIBRARY`` is unset (transip_model.cpp). ``build``: build the library now
+    (before compiling a program that names it). No flag if this transip-md cannot name or
+    build one (the program then loads fused exports only through ``$TRANSIP_OPS_LIBRARY``;
+    reference exports never need it)."""
+    try:
+        from .. import ops
+        from ..ops import build as ops_build
+
+        # the path is fixed by the library's sources and torch, built or not (the cache key)
+        path = ops.library_path(build=True) if build else ops_build.target_path()
+    except Exception as exc:  # noqa: BLE001 -- optional: no compiler, no ops package, ...
+        if build:
+            print(f"note: no operator library for fused exports ({exc}); the C++ program will "
+                  "need $TRANSIP_OPS_LIBRARY for them", file=sys.stderr)
+        return []
+    return [f'-DTRANSIP_OPS_LIBRARY_PATH="{path}"']
+
+
 def _compile_flags(tc: Toolchain) -> List[str]:
     flags = libtorch_flags(tc.libtorch)[0] + ["-Wall", "-DLAMMPS_SMALLBIG"]
+    flags += operator_library_flags()
     if tc.lammps_version_string:
         flags.append(f'-DTRANSIP_LAMMPS_VERSION="{tc.lammps_version_string}"')
     for inc in (tc.lammps_include, tc.mpi_include):
@@ -320,6 +342,7 @@ def build_plugin(force: bool = False, verbose: bool = False) -> Path:
     """Build (or find in the cache) ``transipplugin.so`` and return its path."""
     src = plugin_sources()
     tc = toolchain()
+    operator_library_flags(build=True)  # the library whose path the plugin compiles in
     out_dir = cache_root() / "lammps" / build_key(tc, src)
     target = out_dir / PLUGIN_FILENAME
     lock = _locked_dir(out_dir)

@@ -11,6 +11,10 @@ MAX_ABS_CHARGE = 10
 MAX_MULTIPLICITY = 11
 
 
+#: Options added later, with the default that reproduces the earlier architecture.
+LATER_OPTION_DEFAULTS: Dict[str, Any] = {"rbf_width_factor": 1.0}
+
+
 @dataclass
 class ModelConfig:
     """Architecture of a TransIP network (everything needed to rebuild it from weights)."""
@@ -23,6 +27,10 @@ class ModelConfig:
     edge_width: int = 64
     num_rbf: int = 16
     envelope_exponent: int = 5
+    # Width of each Gaussian radial basis function relative to the spacing of their centres
+    # (1.0 = the original width, sigma = cutoff / (num_rbf * sqrt(2))). An architecture lever for
+    # the accuracy study; 1.0 keeps old checkpoints' function unchanged.
+    rbf_width_factor: float = 1.0
     # Layers whose outputs the equivariance network learns to rotate (negative = from the end).
     equivariance_layers: List[int] = field(default_factory=lambda: [-1])
     equivariance_hidden: int = 256
@@ -34,6 +42,8 @@ class ModelConfig:
             raise ValueError(f"cutoff must be positive, got {self.cutoff} Å")
         if self.layers < 1:
             raise ValueError(f"layers must be >= 1, got {self.layers}")
+        if self.rbf_width_factor <= 0:
+            raise ValueError(f"rbf_width_factor must be positive, got {self.rbf_width_factor}")
 
     @property
     def receptive_field(self) -> float:
@@ -41,7 +51,14 @@ class ModelConfig:
         return self.layers * self.cutoff
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        # Options added after the first checkpoints were shipped are written only when they
+        # differ from their default: an old checkpoint's config (and the metadata of its
+        # exported file) stays byte-identical, and old readers can still read new default files.
+        data = asdict(self)
+        for key, default in LATER_OPTION_DEFAULTS.items():
+            if data[key] == default:
+                del data[key]
+        return data
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "ModelConfig":

@@ -44,7 +44,8 @@ class EdgeEncoder(nn.Module):
         super().__init__()
         self.cutoff = float(cfg.cutoff)
         self.register_buffer("centers", torch.linspace(0.0, cfg.cutoff, cfg.num_rbf))
-        self.gamma = float((cfg.num_rbf / cfg.cutoff) ** 2)
+        # gamma = 1 / (2 sigma^2); rbf_width_factor scales sigma (1.0: the original basis).
+        self.gamma = float((cfg.num_rbf / cfg.cutoff) ** 2 / cfg.rbf_width_factor ** 2)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.num_rbf + 3, cfg.edge_width),
             nn.SiLU(),
@@ -95,8 +96,39 @@ class AttentionLayer(nn.Module):
         ``envelope`` [R, K] belong to those slots. With R < M the extra rows of ``h`` are
         neighbours only (ghost atoms of an engine's domain decomposition).
         """
+        x, gather_index, q_tok, q_edge, bias, logit_self, v_self = self._queries(h, nbr_index, edge)
+        n_rows, n_slots = gather_index.shape[0], gather_index.shape[1]
+        # index_select, not x[nbr_index]: advanced-indexing backward serialises over repeated
+        # indices and took 97 % of GPU time in training.
+        x_nbr = x.index_select(0, gather_index.reshape(-1)).view(n_rows, n_slots, self.width)
+        logit_nbr = (
+            torch.bmm(x_nbr, q_tok.transpose(1, 2)) + torch.bmm(edge, q_edge.transpose(1, 2)) + bias
+        )  # [R, K, H]
+
+        valid = (envelope > 0.0).unsqueeze(-1)
+        # Max-subtraction for numerical safety; it cancels exactly in the ratio below.
+        masked = torch.where(valid, logit_nbr, torch.full_like(logit_nbr, -1e30))
+        m = torch.maximum(logit_self, masked.max(dim=1).values).detach()
+        w_self = torch.exp(logit_self - m)
+        safe = torch.where(valid, logit_nbr, m.unsqueeze(1))
+        w_nbr = envelope.unsqueeze(-1) * torch.exp(safe - m.unsqueeze(1))  # [R, K, H]
+        denom = w_self + w_nbr.sum(1)
+
+        # Values: aggregate x_j and e_ij with the weights, then apply Wv / Wev per head.
+        w_t = w_nbr.transpose(1, 2)  # [R, H, K]
+        mixed = self._values(torch.bmm(w_t, x_nbr), torch.bmm(w_t, edge), w_nbr.sum(1), w_self,
+                             v_self)
+        return self._finish(h, mixed / denom.unsqueeze(-1))
+
+    # The parts before and after the attention weights, shared with the fused layer
+    # (fused_attention.py), which replaces only the block between them by one operator.
+    def _queries(
+        self, h: Tensor, nbr_index: Tensor, edge: Tensor
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(x, gather_index, q_tok, q_edge, bias, logit_self, v_self): normalised tokens [M, W],
+        neighbour rows [R, K], the query folded with Wk [R, H, W] and Wek [R, H, E], the
+        per-slot logit bias [R, K, H], the self logit [R, H] and the self value [R, H, D]."""
         n_rows = nbr_index.shape[0]
-        n_slots = nbr_index.shape[1]
         W, H, D, E = self.width, self.heads, self.head_dim, self.edge_width
         x = self.norm_attn(h)
         w_q, w_k, w_v = self.qkv.weight.split([W, W, W], dim=0)
@@ -112,47 +144,39 @@ class AttentionLayer(nn.Module):
         # own token instead of a shared dummy row, so that the backward index_add spreads their
         # (zero) gradients over all rows instead of piling every padding slot's atomic adds onto
         # one row (that contention made the index_add the largest kernel on a GPU).
-        # index_select, not x[nbr_index]: advanced-indexing backward serialises over repeated
-        # indices and took 97 % of GPU time in training.
         own_row = torch.arange(n_rows, device=nbr_index.device).unsqueeze(1)
         gather_index = torch.where(nbr_index < h.shape[0], nbr_index, own_row)
-        x_nbr = x.index_select(0, gather_index.reshape(-1)).view(n_rows, n_slots, W)
 
         # Logits q.k_ij with Wk and Wek folded into the query.
         q_tok = torch.einsum("nhd,hdw->nhw", q, w_k.view(H, D, W))  # [R, H, W]
         q_edge = torch.einsum("nhd,hde->nhe", q, w_ek.view(H, D, E))  # [R, H, E]
         q_bias = (q * (b_k + b_ek).view(H, D)).sum(-1)  # [R, H]
-        logit_nbr = (
-            torch.bmm(x_nbr, q_tok.transpose(1, 2))
-            + torch.bmm(edge, q_edge.transpose(1, 2))
-            + nn.functional.linear(edge, w_eb, b_eb)
-            + q_bias.unsqueeze(1)
-        )  # [R, K, H]
+        bias = nn.functional.linear(edge, w_eb, b_eb) + q_bias.unsqueeze(1)  # [R, K, H]
         k_self = nn.functional.linear(x_rows, w_k, b_k + s_k).view(n_rows, H, D)
         logit_self = (q * k_self).sum(-1)  # [R, H]
-
-        valid = (envelope > 0.0).unsqueeze(-1)
-        # Max-subtraction for numerical safety; it cancels exactly in the ratio below.
-        masked = torch.where(valid, logit_nbr, torch.full_like(logit_nbr, -1e30))
-        m = torch.maximum(logit_self, masked.max(dim=1).values).detach()
-        w_self = torch.exp(logit_self - m)
-        safe = torch.where(valid, logit_nbr, m.unsqueeze(1))
-        w_nbr = envelope.unsqueeze(-1) * torch.exp(safe - m.unsqueeze(1))  # [R, K, H]
-        denom = w_self + w_nbr.sum(1)
-
-        # Values: aggregate x_j and e_ij with the weights, then apply Wv / Wev per head.
-        w_t = w_nbr.transpose(1, 2)  # [R, H, K]
-        agg_tok = torch.bmm(w_t, x_nbr)  # [R, H, W]
-        agg_edge = torch.bmm(w_t, edge)  # [R, H, E]
         v_self = nn.functional.linear(x_rows, w_v, b_v + s_v).view(n_rows, H, D)
-        mixed = (
+        return x, gather_index, q_tok, q_edge, bias, logit_self, v_self
+
+    def _values(self, agg_tok: Tensor, agg_edge: Tensor, w_sum: Tensor, w_self: Tensor,
+                v_self: Tensor) -> Tensor:
+        """Attention output [R, H, D] from the weighted sums of neighbour tokens [R, H, W] and
+        edges [R, H, E], the summed neighbour weights [R, H] and the self weight [R, H]."""
+        W, H, D, E = self.width, self.heads, self.head_dim, self.edge_width
+        w_v = self.qkv.weight[2 * W:]
+        b_v = self.qkv.bias[2 * W:]
+        w_ev = self.edge_proj.weight[W:2 * W]
+        b_ev = self.edge_proj.bias[W:2 * W]
+        return (
             torch.einsum("nhw,hdw->nhd", agg_tok, w_v.view(H, D, W))
             + torch.einsum("nhe,hde->nhd", agg_edge, w_ev.view(H, D, E))
-            + w_nbr.sum(1).unsqueeze(-1) * (b_v + b_ev).view(H, D)
+            + w_sum.unsqueeze(-1) * (b_v + b_ev).view(H, D)
             + w_self.unsqueeze(-1) * v_self
         )
-        mixed = (mixed / denom.unsqueeze(-1)).reshape(n_rows, W)
-        out = h[:n_rows] + self.out(mixed)
+
+    def _finish(self, h: Tensor, mixed: Tensor) -> Tensor:
+        """Output projection, residual and feed-forward block of the normalised ``mixed``."""
+        n_rows = mixed.shape[0]
+        out = h[:n_rows] + self.out(mixed.reshape(n_rows, self.width))
         return out + self.ffn(self.norm_ffn(out))
 
 

@@ -1,0 +1,334 @@
+// CUDA kernels of the fused neighbour attention, compiled at run time by NVRTC (no nvcc, no
+// CUDA toolkit on the user's machine; see transip_md/ops/build.py). This file is plain text
+// embedded into libtransip_ops.so; neighbor_attention_cuda.cpp compiles it once per
+// (GPU architecture, dtype, W, H, E) with those sizes as macros, so the loops over heads and
+// columns have compile-time bounds and the per-head accumulators live in registers.
+//
+// Macros set by the host: SCALAR (float or double), W_ (token width), H_ (heads), E_ (edge
+// width), NT (threads per block). K (slots), M (rows of x) are run-time arguments.
+//
+// One block handles one attending row i. Logits (forward) or weights and logit gradients
+// (backward) of the row live in shared memory, or in a global scratch row when K * H is too
+// large for it (lbuf != nullptr). Invalid slots (envelope <= 0) never need a logit; slots with
+// envelope exactly 0 have weight 0 and are skipped where they would only add zeros.
+// Semantics: transip_md/ops/__init__.py.
+
+typedef SCALAR T;
+typedef long long i64;
+
+#define NWARP (NT / 32)
+#define FULL_MASK 0xffffffffu
+
+__device__ __forceinline__ float exp_t(float v) { return expf(v); }
+__device__ __forceinline__ double exp_t(double v) { return exp(v); }
+__device__ __forceinline__ float max_t(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_t(double a, double b) { return fmax(a, b); }
+
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+  return v;
+}
+
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max_t(v, __shfl_xor_sync(FULL_MASK, v, o));
+  return v;
+}
+
+// Row indices and envelopes of row i into shared memory. An index outside [0, M) would read
+// or write out of bounds: stop the kernel (as torch's own device-side index assertions do;
+// checking on the host would need a synchronisation).
+__device__ __forceinline__ void load_slots(const i64* __restrict__ gidx,
+                                           const T* __restrict__ env, i64 i, int K, i64 M,
+                                           i64* s_idx, T* s_env) {
+  for (int k = threadIdx.x; k < K; k += NT) {
+    const i64 j = gidx[i * K + k];
+    if (j < 0 || j >= M) __trap();
+    s_idx[k] = j;
+    s_env[k] = env[i * K + k];
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(NT)
+na_forward(const T* __restrict__ x, const i64* __restrict__ gidx, const T* __restrict__ edge,
+           const T* __restrict__ env, const T* __restrict__ q_tok, const T* __restrict__ q_edge,
+           const T* __restrict__ bias, const T* __restrict__ logit_self, T* __restrict__ agg_tok,
+           T* __restrict__ agg_edge, T* __restrict__ a_sum, T* __restrict__ a_self,
+           T* __restrict__ row_max, T* __restrict__ denom, T* __restrict__ lbuf, int K, i64 M) {
+  extern __shared__ double smem[];  // double: 8-byte alignment for every part below
+  const i64 i = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  i64* s_idx = (i64*)smem;
+  T* s_env = (T*)(s_idx + K);
+  T* L = lbuf ? lbuf + i * K * H_ : s_env + K;  // [K, H]: logits, then weights a
+  const T* qt = q_tok + i * H_ * W_;
+  const T* qe = q_edge + i * H_ * E_;
+  load_slots(gidx, env, i, K, M, s_idx, s_env);
+  __syncthreads();
+
+  // 1. Logits of the valid slots: one warp per slot, lanes over the columns.
+  for (int k = warp; k < K; k += NWARP) {
+    if (!(s_env[k] > (T)0)) continue;  // uniform over the warp
+    const T* xk = x + s_idx[k] * W_;
+    const T* ek = edge + (i * K + k) * E_;
+    T acc[H_];
+#pragma unroll
+    for (int h = 0; h < H_; ++h) acc[h] = 0;
+    for (int c = lane; c < W_; c += 32) {
+      const T v = xk[c];
+#pragma unroll
+      for (int h = 0; h < H_; ++h) acc[h] += v * qt[h * W_ + c];
+    }
+    for (int c = lane; c < E_; c += 32) {
+      const T v = ek[c];
+#pragma unroll
+      for (int h = 0; h < H_; ++h) acc[h] += v * qe[h * E_ + c];
+    }
+#pragma unroll
+    for (int h = 0; h < H_; ++h) acc[h] = warp_sum(acc[h]);
+    if (lane == 0) {
+#pragma unroll
+      for (int h = 0; h < H_; ++h) L[k * H_ + h] = acc[h] + bias[(i * K + k) * H_ + h];
+    }
+  }
+  __syncthreads();
+
+  // 2. Softmax with the envelope: one warp per head, lanes over the slots.
+  for (int h = warp; h < H_; h += NWARP) {
+    const T ls = logit_self[i * H_ + h];
+    T m = ls;
+    for (int k = lane; k < K; k += 32)
+      if (s_env[k] > (T)0) m = max_t(m, L[k * H_ + h]);
+    m = warp_max(m);
+    T s = 0;
+    for (int k = lane; k < K; k += 32) {
+      const T t = s_env[k] > (T)0 ? exp_t(L[k * H_ + h] - m) : (T)1;
+      const T u = s_env[k] * t;
+      L[k * H_ + h] = u;
+      s += u;
+    }
+    const T u_self = exp_t(ls - m);
+    const T D = u_self + warp_sum(s);
+    T sa = 0;
+    for (int k = lane; k < K; k += 32) {
+      const T a = L[k * H_ + h] / D;
+      L[k * H_ + h] = a;
+      sa += a;
+    }
+    sa = warp_sum(sa);
+    if (lane == 0) {
+      row_max[i * H_ + h] = m;
+      denom[i * H_ + h] = D;
+      a_sum[i * H_ + h] = sa;
+      a_self[i * H_ + h] = u_self / D;
+    }
+  }
+  __syncthreads();
+
+  // 3. Aggregation: threads over the W token columns and then the E edge columns, all heads
+  // per thread (coalesced reads of each gathered row).
+  for (int c = tid; c < W_ + E_; c += NT) {
+    T acc[H_];
+#pragma unroll
+    for (int h = 0; h < H_; ++h) acc[h] = 0;
+    if (c < W_) {
+      for (int k = 0; k < K; ++k) {
+        if (s_env[k] == (T)0) continue;  // uniform over the block
+        const T v = x[s_idx[k] * W_ + c];
+#pragma unroll
+        for (int h = 0; h < H_; ++h) acc[h] += L[k * H_ + h] * v;
+      }
+#pragma unroll
+      for (int h = 0; h < H_; ++h) agg_tok[(i * H_ + h) * W_ + c] = acc[h];
+    } else {
+      const int e = c - W_;
+      for (int k = 0; k < K; ++k) {
+        if (s_env[k] == (T)0) continue;
+        const T v = edge[(i * K + k) * E_ + e];
+#pragma unroll
+        for (int h = 0; h < H_; ++h) acc[h] += L[k * H_ + h] * v;
+      }
+#pragma unroll
+      for (int h = 0; h < H_; ++h) agg_edge[(i * H_ + h) * E_ + e] = acc[h];
+    }
+  }
+}
+
+// Backward. With ga[k,h] = g_tok[h].x_k + g_edge[h].e_k + g_sum[h] (the gradient reaching
+// a[k,h]), c[h] = sum_k a ga + a_self g_self, t = valid ? exp(l - m) : 1:
+//   dl[k,h] = valid ? a (ga - c) : 0          dlogit_self[h] = a_self (g_self - c)
+//   denvelope[k] = sum_h (ga - c) t / D       dbias = dl
+//   dq_tok[h] = sum_k dl x_k                  dq_edge[h] = sum_k dl e_k
+//   dx[idx_k] += sum_h a g_tok[h] + dl q_tok[h]   (atomicAdd: rows share neighbours)
+//   dedge[k] = sum_h a g_edge[h] + dl q_edge[h]
+extern "C" __global__ void __launch_bounds__(NT)
+na_backward(const T* __restrict__ g_tok, const T* __restrict__ g_edge,
+            const T* __restrict__ g_sum, const T* __restrict__ g_self, const T* __restrict__ x,
+            const i64* __restrict__ gidx, const T* __restrict__ edge, const T* __restrict__ env,
+            const T* __restrict__ q_tok, const T* __restrict__ q_edge, const T* __restrict__ bias,
+            const T* __restrict__ logit_self, const T* __restrict__ row_max,
+            const T* __restrict__ denom, T* __restrict__ dx, T* __restrict__ dedge,
+            T* __restrict__ denv, T* __restrict__ dq_tok, T* __restrict__ dq_edge,
+            T* __restrict__ dbias, T* __restrict__ dlogit_self, T* __restrict__ lbuf, int K,
+            i64 M) {
+  extern __shared__ double smem[];
+  const i64 i = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  i64* s_idx = (i64*)smem;
+  T* s_env = (T*)(s_idx + K);
+  T* s_m = s_env + K;
+  T* s_D = s_m + H_;
+  T* s_c = s_D + H_;
+  T* L = lbuf ? lbuf + i * 2 * K * H_ : s_c + H_;  // [K, H]: t, then a
+  T* G = L + K * H_;                               // [K, H]: ga, then dl
+  const T* qt = q_tok + i * H_ * W_;
+  const T* qe = q_edge + i * H_ * E_;
+  const T* gt = g_tok + i * H_ * W_;
+  const T* ge = g_edge + i * H_ * E_;
+  load_slots(gidx, env, i, K, M, s_idx, s_env);
+  for (int h = tid; h < H_; h += NT) {
+    s_m[h] = row_max[i * H_ + h];
+    s_D[h] = denom[i * H_ + h];
+  }
+  __syncthreads();
+
+  // 1. Per slot (one warp each): t from the recomputed logit, and ga.
+  for (int k = warp; k < K; k += NWARP) {
+    const bool valid = s_env[k] > (T)0;  // uniform over the warp
+    const T* xk = x + s_idx[k] * W_;
+    const T* ek = edge + (i * K + k) * E_;
+    T al[H_], ag[H_];
+#pragma unroll
+    for (int h = 0; h < H_; ++h) al[h] = ag[h] = 0;
+    if (valid) {
+      for (int c = lane; c < W_; c += 32) {
+        const T v = xk[c];
+#pragma unroll
+        for (int h = 0; h < H_; ++h) {
+          al[h] += v * qt[h * W_ + c];
+          ag[h] += v * gt[h * W_ + c];
+        }
+      }
+      for (int c = lane; c < E_; c += 32) {
+        const T v = ek[c];
+#pragma unroll
+        for (int h = 0; h < H_; ++h) {
+          al[h] += v * qe[h * E_ + c];
+          ag[h] += v * ge[h * E_ + c];
+        }
+      }
+    } else {
+      for (int c = lane; c < W_; c += 32) {
+        const T v = xk[c];
+#pragma unroll
+        for (int h = 0; h < H_; ++h) ag[h] += v * gt[h * W_ + c];
+      }
+      for (int c = lane; c < E_; c += 32) {
+        const T v = ek[c];
+#pragma unroll
+        for (int h = 0; h < H_; ++h) ag[h] += v * ge[h * E_ + c];
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < H_; ++h) {
+      ag[h] = warp_sum(ag[h]);
+      if (valid) al[h] = warp_sum(al[h]);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int h = 0; h < H_; ++h) {
+        L[k * H_ + h] =
+            valid ? exp_t(al[h] + bias[(i * K + k) * H_ + h] - s_m[h]) : (T)1;
+        G[k * H_ + h] = ag[h] + g_sum[i * H_ + h];
+      }
+    }
+  }
+  __syncthreads();
+
+  // 2a. c[h] and dlogit_self: one warp per head.
+  for (int h = warp; h < H_; h += NWARP) {
+    const T D = s_D[h];
+    T c = 0;
+    for (int k = lane; k < K; k += 32) c += (s_env[k] * L[k * H_ + h] / D) * G[k * H_ + h];
+    c = warp_sum(c);
+    const T as = exp_t(logit_self[i * H_ + h] - s_m[h]) / D;
+    const T gs = g_self[i * H_ + h];
+    c += as * gs;
+    if (lane == 0) {
+      s_c[h] = c;
+      dlogit_self[i * H_ + h] = as * (gs - c);
+    }
+  }
+  __syncthreads();
+
+  // 2b. Per slot: a, dl, dbias, denvelope.
+  for (int k = tid; k < K; k += NT) {
+    const T ek = s_env[k];
+    const bool valid = ek > (T)0;
+    T de = 0;
+#pragma unroll
+    for (int h = 0; h < H_; ++h) {
+      const T t = L[k * H_ + h];
+      const T D = s_D[h];
+      const T a = ek * t / D;
+      const T g = G[k * H_ + h] - s_c[h];
+      de += g * t / D;
+      const T dl = valid ? a * g : (T)0;
+      L[k * H_ + h] = a;
+      G[k * H_ + h] = dl;
+      dbias[(i * K + k) * H_ + h] = dl;
+    }
+    denv[i * K + k] = de;
+  }
+  __syncthreads();
+
+  // 3. Column passes: dx (scattered), dq_tok over the W columns; dedge, dq_edge over E.
+  for (int c = tid; c < W_ + E_; c += NT) {
+    T gr[H_], qr[H_], dq[H_];
+    if (c < W_) {
+#pragma unroll
+      for (int h = 0; h < H_; ++h) {
+        gr[h] = gt[h * W_ + c];
+        qr[h] = qt[h * W_ + c];
+        dq[h] = 0;
+      }
+      for (int k = 0; k < K; ++k) {
+        if (s_env[k] == (T)0) continue;  // a = dl = 0: nothing to add
+        const i64 j = s_idx[k];
+        const T v = x[j * W_ + c];
+        T s = 0;
+#pragma unroll
+        for (int h = 0; h < H_; ++h) {
+          s += L[k * H_ + h] * gr[h] + G[k * H_ + h] * qr[h];
+          dq[h] += G[k * H_ + h] * v;
+        }
+        atomicAdd(dx + j * W_ + c, s);
+      }
+#pragma unroll
+      for (int h = 0; h < H_; ++h) dq_tok[(i * H_ + h) * W_ + c] = dq[h];
+    } else {
+      const int e = c - W_;
+#pragma unroll
+      for (int h = 0; h < H_; ++h) {
+        gr[h] = ge[h * E_ + e];
+        qr[h] = qe[h * E_ + e];
+        dq[h] = 0;
+      }
+      for (int k = 0; k < K; ++k) {
+        T s = 0;
+        if (s_env[k] != (T)0) {
+          const T v = edge[(i * K + k) * E_ + e];
+#pragma unroll
+          for (int h = 0; h < H_; ++h) {
+            s += L[k * H_ + h] * gr[h] + G[k * H_ + h] * qr[h];
+            dq[h] += G[k * H_ + h] * v;
+          }
+        }
+        dedge[(i * K + k) * E_ + e] = s;
+      }
+#pragma unroll
+      for (int h = 0; h < H_; ++h) dq_edge[(i * H_ + h) * E_ + e] = dq[h];
+    }
+  }
+}

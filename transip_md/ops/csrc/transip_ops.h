@@ -1,0 +1,69 @@
+// Shared declarations of the transip_ops library (fused neighbour attention, issue #16).
+// The semantics are written out in /work/notes/fused_op.md and in transip_md/ops/__init__.py;
+// transip_md/model/transformer.py (AttentionLayer.forward) is the reference they must equal.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace transip_ops {
+
+using at::Tensor;
+
+// Sizes of one call, read from the inputs by check_inputs.
+struct Dims {
+  int64_t M;  // rows of x (R of them attend, the rest are ghost / neighbour-only rows)
+  int64_t W;  // token width
+  int64_t R;  // attending rows
+  int64_t K;  // padded neighbour slots per row
+  int64_t E;  // edge feature width
+  int64_t H;  // heads
+};
+
+// Validates the eight forward inputs; errors name the argument, its expected and actual shape,
+// dtype or device. `op` is the operator's name for the message.
+Dims check_inputs(const char* op, const Tensor& x, const Tensor& gather_index, const Tensor& edge,
+                  const Tensor& envelope, const Tensor& q_tok, const Tensor& q_edge,
+                  const Tensor& bias, const Tensor& logit_self);
+
+// Forward: {agg_tok, agg_edge, a_sum, a_self, row_max, denom}. row_max (m) and denom (D), both
+// [R, H], are what the backward needs besides the inputs (it recomputes the logits).
+std::vector<Tensor> forward_cpu(const Dims& d, const Tensor& x, const Tensor& gather_index,
+                                const Tensor& edge, const Tensor& envelope, const Tensor& q_tok,
+                                const Tensor& q_edge, const Tensor& bias,
+                                const Tensor& logit_self);
+
+// Backward: {dx, dedge, denvelope, dq_tok, dq_edge, dbias, dlogit_self}.
+std::vector<Tensor> backward_cpu(const Dims& d, const Tensor& g_tok, const Tensor& g_edge,
+                                 const Tensor& g_sum, const Tensor& g_self, const Tensor& x,
+                                 const Tensor& gather_index, const Tensor& edge,
+                                 const Tensor& envelope, const Tensor& q_tok,
+                                 const Tensor& q_edge, const Tensor& bias,
+                                 const Tensor& logit_self, const Tensor& row_max,
+                                 const Tensor& denom);
+
+// True when the library was compiled with its CUDA part (NVRTC + driver API).
+bool built_with_cuda();
+
+#ifdef TRANSIP_OPS_WITH_CUDA
+std::vector<Tensor> forward_cuda(const Dims& d, const Tensor& x, const Tensor& gather_index,
+                                 const Tensor& edge, const Tensor& envelope, const Tensor& q_tok,
+                                 const Tensor& q_edge, const Tensor& bias,
+                                 const Tensor& logit_self);
+std::vector<Tensor> backward_cuda(const Dims& d, const Tensor& g_tok, const Tensor& g_edge,
+                                  const Tensor& g_sum, const Tensor& g_self, const Tensor& x,
+                                  const Tensor& gather_index, const Tensor& edge,
+                                  const Tensor& envelope, const Tensor& q_tok,
+                                  const Tensor& q_edge, const Tensor& bias,
+                                  const Tensor& logit_self, const Tensor& row_max,
+                                  const Tensor& denom);
+// Compiles the kernels with NVRTC for `arch` (e.g. 90) without needing a GPU; returns a line
+// naming the NVRTC library used and the binary size, plus ptxas' register report when
+// `verbose` (errors carry NVRTC's log).
+std::string nvrtc_check(int64_t arch, std::string dtype, int64_t width, int64_t heads,
+                        int64_t edge_width, bool verbose);
+#endif
+
+}  // namespace transip_ops
