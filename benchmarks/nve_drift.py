@@ -6,7 +6,22 @@ and LAMMPS, for its float64 and float32 exports.
   python benchmarks/nve_drift.py --engines lammps --dtypes float64
   python benchmarks/nve_drift.py --system ethanol --ps 50 --nvt-ps 5 --out runs/nve_ethanol_50ps
 
-``--system`` (all three engines):
+On the GPU (issue #18; ``benchmarks/long_runs.sh`` starts these side by side on one H200)::
+
+  python benchmarks/nve_drift.py --engines openmm --openmm-platform CUDA --cuda-graphs \
+      --dtypes float64 --model m64.pt --nvt-ps 5 --ps 50 --sample-fs 10 --budget-s 940 --out R
+  python benchmarks/nve_drift.py --engines lammps --lammps-device cuda ...   # pair_style ... device cuda
+  python benchmarks/nve_drift.py --engines ase --ase-device cuda ...
+
+``--openmm-platform CUDA`` uses Precision ``double`` for a float64 model (else TorchForce gets
+float32 positions) and ``mixed`` for float32 (``--openmm-precision`` to choose). ``--budget-s``:
+the run stops its NVE part when the process's wall budget is spent, records
+``stopped_by_budget`` and the ps reached (LAMMPS: ``timer timeout``), and every 30 s rewrites
+``nve_drift.json`` with the run so far (``partial``), so that a collect step can read it. Each
+result also carries the block-average drift fit of ``benchmarks/analyse_long_runs.py``
+(``drift_block_ev_per_atom_per_ps`` +- ``drift_sigma_ev_per_atom_per_ps``).
+
+``--system`` (all three engines; ``waterN`` for N waters, e.g. ``water512`` = 1,536 atoms):
 
 * ``water64`` (default): the periodic box of 64 waters (``transip_md.systems.water_box(64,
   seed=7)``, 192 atoms, 1 g/cm^3); LAMMPS ``boundary p p p``.
@@ -66,36 +81,52 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from transip_md.md_analysis import energy_drift
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from analyse_long_runs import block_drift  # noqa: E402  (the long-run fit, benchmarks/)
+
 DT_FS = 0.5
 TEMPERATURE_K = 300.0
 ENGINES = ("ase", "openmm", "lammps")
 DTYPES = ("float64", "float32")
-SYSTEMS = ("water64", "ethanol")
+SYSTEMS = ("water64", "ethanol")  # and waterN for any N: water_box(N, seed=7), e.g. water512
+FLUSH_S = 30.0  # partial results are written at least this often (long runs, see --budget-s)
 GOALS = {"float64": 1e-6, "float32": 1e-4}  # |drift| eV/atom/ps for long runs
 VACUUM_BOX_A = 40.0  # cubic cell the molecule is centred in (written to LAMMPS' data file only)
 
 
 def water64():
+    return water(64)
+
+
+def water(n_molecules: int):
     from transip_md.systems import water_box
 
-    return water_box(64, seed=7)
+    return water_box(n_molecules, seed=7)
+
+
+def water_molecules(name: str) -> Optional[int]:
+    """N of a ``waterN`` system name (None for other names)."""
+    match = re.fullmatch(r"water(\d+)", name)
+    return int(match.group(1)) if match and int(match.group(1)) > 0 else None
 
 
 def build_system(name: str):
-    """The ``--system``: ``water64`` (periodic, 192 atoms) or ``ethanol`` (vacuum, 9 atoms)."""
-    if name == "water64":
-        return water64()
+    """The ``--system``: ``water64`` (periodic, 192 atoms), ``waterN`` (N molecules, e.g.
+    ``water512``: 1,536 atoms) or ``ethanol`` (vacuum, 9 atoms)."""
+    if water_molecules(name):
+        return water(water_molecules(name))
     if name == "ethanol":
         from ase.build import molecule
 
@@ -134,9 +165,40 @@ def zero_momentum(masses, positions, velocities, rotation: bool):
     return v
 
 
+class Clock:
+    """Wall-clock budget and partial-result writer shared by the engines' NVE loops:
+    ``expired()`` once the process's budget is spent (the run then stops and reports the ps
+    reached), ``due()`` every FLUSH_S seconds (the loop then hands a partial record to
+    ``progress`` so that a collect step can read a run that is still going)."""
+
+    def __init__(self, deadline: Optional[float] = None, progress=None, flush_s: float = FLUSH_S):
+        self.deadline, self.progress, self.flush_s = deadline, progress, flush_s
+        self._last = time.perf_counter()
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
+
+    def remaining(self) -> Optional[float]:
+        return None if self.deadline is None else self.deadline - time.perf_counter()
+
+    def maybe_flush(self, make_record) -> None:
+        if self.progress is not None and time.perf_counter() - self._last >= self.flush_s:
+            self.progress(make_record())
+            self._last = time.perf_counter()
+
+
+def nve_record(engine: str, system_name: str, atoms, steps: int, nvt_steps: int, done: int,
+               seconds: float, times, totals, temps, stopped: bool) -> Dict:
+    return {"engine": engine, "system": system_label(system_name, atoms), "n_atoms": len(atoms),
+            "steps": steps, "steps_done": done, "nvt_steps": nvt_steps, "seconds": seconds,
+            "stopped_by_budget": stopped, "times_ps": list(times), "total_energy_ev": list(totals),
+            "temperature_k": list(temps),
+            "mean_temperature_k": float(np.mean(temps)) if len(temps) else float("nan")}
+
+
 # ----------------------------------------------------------------------------- ASE
 def run_ase(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: int,
-            system_name: str) -> Dict:
+            system_name: str, device: str = "cpu", clock: Optional[Clock] = None) -> Dict:
     from ase import units
     from ase.constraints import FixCom
     from ase.md import velocitydistribution as vd
@@ -147,7 +209,7 @@ def run_ase(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: int,
 
     atoms = build_system(system_name)
     molecule = not atoms.pbc.any()
-    atoms.calc = TransIPCalculator(str(model))
+    atoms.calc = TransIPCalculator(str(model), device=device)
     rng = np.random.default_rng(seed)
     if hasattr(vd, "thermalize_momenta"):
         vd.thermalize_momenta(atoms, TEMPERATURE_K, rng=rng)
@@ -176,18 +238,42 @@ def run_ase(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: int,
         totals.append(atoms.get_potential_energy() + ke)
         temps.append(2 * ke / (dof * units.kB))
 
-    dyn.attach(sample, interval=sample_every)
+    clock = clock or Clock()
     start = time.perf_counter()
-    dyn.run(steps)
-    return {"engine": "ase", "system": system_label(system_name, atoms), "n_atoms": len(atoms),
-            "steps": steps, "nvt_steps": nvt_steps, "seconds": time.perf_counter() - start,
-            "times_ps": times, "total_energy_ev": totals, "temperature_k": temps,
-            "mean_temperature_k": float(np.mean(temps))}
+
+    def record():
+        return nve_record("ase", system_name, atoms, steps, nvt_steps, dyn.nsteps,
+                          time.perf_counter() - start, times, totals, temps, stopped)
+
+    stopped = False
+    sample()
+    while dyn.nsteps < steps:  # run() continues from dyn.nsteps (ASE >= 3.23)
+        dyn.run(min(sample_every, steps - dyn.nsteps))
+        sample()
+        if clock.expired():
+            stopped = True
+            break
+        clock.maybe_flush(record)
+    return record()
 
 
 # ----------------------------------------------------------------------------- OpenMM
+def openmm_properties(platform: str, dtype: str, threads: int, precision: str = "auto") -> Dict[str, str]:
+    """Platform properties: CPU threads; on CUDA the precision (auto: double for a float64
+    model, which else would get float32 positions; mixed for float32, i.e. float32 forces with
+    the integration in double, OpenMM's usual choice for energy conservation)."""
+    if platform == "CPU":
+        return {"Threads": str(threads)}
+    if platform in ("CUDA", "OpenCL"):
+        if precision == "auto":
+            precision = "double" if dtype == "float64" else "mixed"
+        return {"Precision": precision}
+    return {}
+
+
 def run_openmm(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: int,
-               system_name: str, threads: int) -> Dict:
+               system_name: str, threads: int, platform_name: str = "CPU", cuda_graphs: bool = False,
+               precision: str = "auto", dtype: str = "float64", clock: Optional[Clock] = None) -> Dict:
     import openmm
     import openmm.unit as u
 
@@ -203,10 +289,12 @@ def run_openmm(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: i
     if periodic:
         box = [openmm.Vec3(*(row / 10.0)) for row in np.asarray(atoms.cell)] * u.nanometer
         system.setDefaultPeriodicBoxVectors(*box)
-    system.addForce(make_torch_force(str(model), topology, charge=0, multiplicity=1))
+    # cuda_graphs: the static-shape path (cell list sized from this box; NVT keeps the volume)
+    system.addForce(make_torch_force(str(model), topology, charge=0, multiplicity=1,
+                                     cuda_graphs=cuda_graphs))
     system.addForce(openmm.CMMotionRemover())  # Verlet conserves total momentum anyway
-    platform = openmm.Platform.getPlatformByName("CPU")
-    props = {"Threads": str(threads)}
+    platform = openmm.Platform.getPlatformByName(platform_name)
+    props = openmm_properties(platform_name, dtype, threads, precision)
     masses = np.array([system.getParticleMass(i).value_in_unit(u.dalton)
                        for i in range(system.getNumParticles())])
 
@@ -241,8 +329,16 @@ def run_openmm(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: i
     dof = kinetic_dof(atoms)
     kb = u.MOLAR_GAS_CONSTANT_R.value_in_unit(u.kilojoule_per_mole / u.kelvin)
     times, totals, temps = [], [], []
+    clock = clock or Clock()
     start = time.perf_counter()
-    done = 0
+    done, stopped = 0, False
+
+    def record():
+        r = nve_record("openmm", system_name, atoms, steps, nvt_steps, done,
+                       time.perf_counter() - start, times, totals, temps, stopped)
+        r.update(platform=platform_name, cuda_graphs=cuda_graphs, openmm_properties=props)
+        return r
+
     while True:
         s = context.getState(getEnergy=True)
         ke = s.getKineticEnergy().value_in_unit(u.kilojoule_per_mole)
@@ -250,15 +346,18 @@ def run_openmm(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: i
         times.append(done * DT_FS / 1000.0)
         totals.append((ke + pe) / KJ_PER_MOL_PER_EV)
         temps.append(2 * ke / (dof * kb))
+        if not np.isfinite(totals[-1]):
+            raise RuntimeError(f"OpenMM: non-finite total energy at NVE step {done}")
         if done >= steps:
             break
+        if clock.expired():
+            stopped = True
+            break
+        clock.maybe_flush(record)
         n = min(sample_every, steps - done)
         verlet.step(n)
         done += n
-    return {"engine": "openmm", "system": system_label(system_name, atoms), "n_atoms": len(atoms),
-            "steps": steps, "nvt_steps": nvt_steps, "seconds": time.perf_counter() - start,
-            "times_ps": times, "total_energy_ev": totals, "temperature_k": temps,
-            "mean_temperature_k": float(np.mean(temps))}
+    return record()
 
 
 # ----------------------------------------------------------------------------- LAMMPS
@@ -266,7 +365,7 @@ def run_openmm(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: i
 # shrink-wrapped non-periodic box (no images), explicit charge/multiplicity, velocities without net
 # momentum or rotation (also zeroed again after the thermostat), temperature over 3N - 6 dof.
 LAMMPS_DECK = """\
-units           metal
+{timeout}units           metal
 atom_style      atomic
 boundary        {boundary}
 read_data       {data}
@@ -278,7 +377,7 @@ neigh_modify    every 1 delay 0 check yes
 timestep        {dt_ps}
 velocity        all create {temp} {seed} mom yes rot {rot} dist gaussian
 {temp_dof}thermo_style    custom step time temp pe ke etotal
-thermo_modify   norm no format float %.12f
+thermo_modify   norm no format float %.12f flush yes
 thermo          {thermo_nvt}
 fix             nvt all nvt temp {temp} {temp} 0.05
 run             {nvt_steps}
@@ -291,8 +390,31 @@ run             {steps}
 """
 
 
+def parse_nve_log(text: str) -> Tuple[np.ndarray, Optional[float]]:
+    """Thermo rows (step time temp pe ke etotal) after NVE_START and the NVE loop time (None
+    while the run is going). Works on a log that LAMMPS is still writing."""
+    if "NVE_START" not in text:
+        return np.zeros((0, 6)), None
+    nve = text.split("NVE_START", 1)[1]
+    rows, loop_time, inside = [], None, False
+    for line in nve.splitlines():
+        words = line.split()
+        if words[:2] == ["Step", "Time"]:
+            inside = True
+        elif line.startswith("Loop time of"):
+            loop_time = float(words[3])
+            inside = False
+        elif inside and len(words) == 6 and words[0].isdigit():
+            try:
+                rows.append([float(w) for w in words])
+            except ValueError:  # a line being written
+                pass
+    return (np.array(rows) if rows else np.zeros((0, 6))), loop_time
+
+
 def run_lammps(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: int,
-               workdir: Path, system_name: str, threads: int) -> Dict:
+               workdir: Path, system_name: str, threads: int, device: str = "cpu",
+               clock: Optional[Clock] = None) -> Dict:
     from ase.io import write
 
     from transip_md.lammps import lammps_env, lmp_executable, plugin_path
@@ -310,9 +432,17 @@ def run_lammps(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: i
     steps = int(round(ps * 1000 / DT_FS))
     tag = f"{system_name}_{Path(model).stem}"
     deck = workdir / f"in.nve_{tag}"
+    clock = clock or Clock()
+    remaining = clock.remaining()
+    # the budget: LAMMPS stops the running run gracefully at the timeout and skips later runs
+    timeout = ("" if remaining is None else
+               f"timer           timeout {max(1, int(remaining))} every 10\n")
+    pair_args = (" charge 0 multiplicity 1" if molecule else "") + (
+        f" device {device}" if device != "cpu" else "")
     deck.write_text(LAMMPS_DECK.format(
+        timeout=timeout,
         boundary="s s s" if molecule else "p p p", data=data, plugin=plugin_path(),
-        pair_args=" charge 0 multiplicity 1" if molecule else "", model=model,
+        pair_args=pair_args, model=model,
         elements=" ".join(elements), dt_ps=DT_FS / 1000.0, temp=TEMPERATURE_K, seed=seed,
         rot="yes" if molecule else "no",
         temp_dof="compute_modify  thermo_temp extra/dof 6\n" if molecule else "",
@@ -324,31 +454,38 @@ def run_lammps(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: i
     env = lammps_env()
     env["OMP_NUM_THREADS"] = str(threads)  # libtorch intra-op threads; one MPI rank (no mpirun)
     start = time.perf_counter()
-    proc = subprocess.run([str(lmp_executable()), "-in", str(deck), "-log", str(log), "-nocite"],
-                          env=env, cwd=workdir, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
+    screen = workdir / f"lammps_{tag}.screen"
+    nve_wall = None  # wall time at which NVE_START appeared (steps/s of a partial run)
+
+    def record(text: str, loop_time: Optional[float]) -> Dict:
+        rows, _ = parse_nve_log(text)
+        done = int(rows[-1, 0]) if len(rows) else 0
+        seconds = loop_time if loop_time is not None else (
+            time.perf_counter() - nve_wall if nve_wall else 0.0)
+        r = nve_record("lammps", system_name, atoms, steps, nvt_steps, done, seconds,
+                       rows[:, 1], rows[:, 5], rows[:, 2], done < steps)
+        r.update(device=device, log=str(log))
+        return r
+
+    with open(screen, "w") as out:
+        proc = subprocess.Popen([str(lmp_executable()), "-in", str(deck), "-log", str(log), "-nocite"],
+                                env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, text=True)
+        while proc.poll() is None:
+            time.sleep(1.0)
+            if nve_wall is None and log.exists() and "NVE_START" in log.read_text():
+                nve_wall = time.perf_counter()
+            if nve_wall is not None:
+                clock.maybe_flush(lambda: record(log.read_text(), None))
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+        tail = "\n".join(screen.read_text().strip().splitlines()[-8:])
         raise RuntimeError(f"LAMMPS failed (log {log}):\n{tail}")
     text = log.read_text()
-    nve = text.split("NVE_START", 1)[1]
-    rows, loop_time, inside = [], None, False
-    for line in nve.splitlines():
-        words = line.split()
-        if words[:2] == ["Step", "Time"]:
-            inside = True
-        elif line.startswith("Loop time of"):
-            loop_time = float(words[3])
-            inside = False
-        elif inside and words and words[0].isdigit():
-            rows.append([float(w) for w in words])
-    rows = np.array(rows)
-    return {"engine": "lammps", "system": system_label(system_name, atoms),
-            "n_atoms": len(atoms), "steps": steps, "nvt_steps": nvt_steps,
-            "seconds": loop_time if loop_time is not None else elapsed,
-            "times_ps": rows[:, 1].tolist(), "total_energy_ev": rows[:, 5].tolist(),
-            "temperature_k": rows[:, 2].tolist(), "mean_temperature_k": float(rows[:, 2].mean()),
-            "log": str(log)}
+    rows, loop_time = parse_nve_log(text)
+    if len(rows) == 0:
+        raise RuntimeError(f"LAMMPS wrote no NVE rows (log {log}); the NVT part used up the "
+                           "wall budget?" if timeout else f"LAMMPS wrote no NVE rows (log {log})")
+    r = record(text, loop_time if loop_time is not None else time.perf_counter() - start)
+    return r
 
 
 # ----------------------------------------------------------------------------- output
@@ -400,17 +537,35 @@ def table(results: List[Dict]) -> str:
             lines.append(f"{r['engine']:<7} {r['dtype']:<8} FAILED: {r['error'].splitlines()[-1][:80]}")
             continue
         ok = "met" if abs(r["drift_ev_per_atom_per_ps"]) <= GOALS[r["dtype"]] else "NOT met"
-        lines.append(f"{r['engine']:<7} {r['dtype']:<8} {r['system']:<28} {r['ps']:>7.3g} "
-                     f"{r['steps']:>7d} {r['seconds']:>7.0f} "
+        lines.append(f"{r['engine']:<7} {r['dtype']:<8} {r['system']:<28} {r.get('ps_reached', r['ps']):>7.3g} "
+                     f"{r.get('steps_done', r['steps']):>7d} {r['seconds']:>7.0f} "
                      f"{r['drift_ev_per_atom_per_ps']:>17.2e} {r['fluctuation_ev_per_atom']:>14.2e} "
-                     f"{r['mean_temperature_k']:>6.0f} {r['steps'] / r['seconds']:>8.1f} {ok:>8}")
+                     f"{r['mean_temperature_k']:>6.0f} {r.get('steps_done', r['steps']) / r['seconds']:>8.1f} {ok:>8}"
+                     + (f"  SHORT: {r['ps_reached']:.3g} of {r['ps']:g} ps (wall budget)"
+                        if r.get("stopped_by_budget") else ""))
     return "\n".join(lines)
 
 
-def write_outputs(out: Path, results: List[Dict], system_name: str, threads: int) -> None:
-    (out / "nve_drift.json").write_text(json.dumps(
+def engine_variant(engine: str, args) -> str:
+    """Label of an engine's configuration, e.g. openmm-CUDA-graphs, lammps-cuda, ase-cpu."""
+    if engine == "openmm":
+        return f"openmm-{args.openmm_platform}" + ("-graphs" if args.cuda_graphs else "")
+    if engine == "lammps":
+        return f"lammps-{args.lammps_device}"
+    return f"ase-{args.ase_device}"
+
+
+def write_json(out: Path, results: List[Dict], system_name: str, threads: int) -> None:
+    """nve_drift.json, atomically (a collect step may read it while the run goes on)."""
+    tmp = out / "nve_drift.json.tmp"
+    tmp.write_text(json.dumps(
         {"system": system_name, "timestep_fs": DT_FS, "temperature_k": TEMPERATURE_K,
          "threads": threads, "goals_ev_per_atom_per_ps": GOALS, "results": results}, indent=1))
+    tmp.replace(out / "nve_drift.json")
+
+
+def write_outputs(out: Path, results: List[Dict], system_name: str, threads: int) -> None:
+    write_json(out, results, system_name, threads)
     plot(results, out / "nve_drift.png", system_name)
 
 
@@ -421,8 +576,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="thermostatted equilibration before NVE (ps; default min(2, ps/5))")
     p.add_argument("--engines", default=",".join(ENGINES), help="comma list of ase,openmm,lammps")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of float64,float32")
-    p.add_argument("--system", choices=SYSTEMS, default="water64",
-                   help="water64: periodic 64-water box; ethanol: one molecule in vacuum (all engines)")
+    p.add_argument("--system", default="water64",
+                   help="water64: periodic 64-water box (192 atoms); waterN: N waters (water512: "
+                        "1,536 atoms); ethanol: one molecule in vacuum (all engines)")
+    p.add_argument("--model", default=None,
+                   help="exported model file (one --dtypes entry; default: the shipped model's "
+                        "cached export of each dtype)")
+    p.add_argument("--openmm-platform", default="CPU", choices=("CPU", "Reference", "CUDA", "OpenCL"))
+    p.add_argument("--openmm-precision", default="auto",
+                   help="CUDA/OpenCL Precision: auto (double for float64, mixed for float32), "
+                        "single, mixed, double")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="OpenMM: static-shape TorchForce with CUDA graphs (CUDA platform)")
+    p.add_argument("--lammps-device", default="cpu", choices=("cpu", "cuda"),
+                   help="pair_style transip device")
+    p.add_argument("--ase-device", default="cpu", help="TransIPCalculator device (cpu, cuda)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="wall-clock budget of this process (s): NVE stops when it is spent and "
+                        "the ps reached are reported; partial results are written every 30 s")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads per engine (torch/OpenMP, OpenMM CPU platform); LAMMPS runs one rank")
     p.add_argument("--sample-fs", type=float, default=5.0, help="energy sampling interval (fs)")
@@ -434,6 +605,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     bad = [e for e in engines if e not in ENGINES] + [d for d in dtypes if d not in DTYPES]
     if bad or args.ps <= 0 or args.threads < 1:
         p.error(f"unknown engine/dtype {bad}" if bad else "--ps and --threads must be positive")
+    if args.system not in SYSTEMS and not water_molecules(args.system):
+        p.error(f"unknown --system {args.system!r}: water64, waterN (N molecules) or ethanol")
+    if args.model and len(dtypes) != 1:
+        p.error("--model is one file: give exactly one --dtypes entry (its dtype)")
+    if args.model and not Path(args.model).is_file():
+        p.error(f"--model {args.model}: no such file")
+    deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
     # before torch is first imported (libgomp reads it once), and for the LAMMPS subprocess
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     import torch
@@ -452,31 +630,53 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     results: List[Dict] = []
     for dtype in dtypes:
-        model = default_model_path(dtype)
+        model = Path(args.model).resolve() if args.model else default_model_path(dtype)
         for engine in engines:
-            print(f"{engine} {dtype} {args.system}: {nvt_ps:g} ps NVT + {args.ps:g} ps NVE ...",
+            variant = engine_variant(engine, args)
+            print(f"{variant} {dtype} {args.system}: {nvt_ps:g} ps NVT + {args.ps:g} ps NVE ...",
                   flush=True)
             wall = time.perf_counter()
+            meta = dict(variant=variant, dtype=dtype, ps=args.ps, nvt_ps=nvt_ps, dt_fs=DT_FS,
+                        model=str(model), threads=args.threads, budget_s=args.budget_s)
+
+            def progress(partial, meta=meta, wall=wall):  # a run still going: readable by collect
+                partial.update(meta, partial=True, wall_seconds=time.perf_counter() - wall)
+                write_json(out, results + [partial], args.system, args.threads)
+
+            clock = Clock(deadline, progress)
             try:
                 if engine == "ase":
-                    r = run_ase(model, args.ps, nvt_ps, sample_every, args.seed, args.system)
+                    r = run_ase(model, args.ps, nvt_ps, sample_every, args.seed, args.system,
+                                args.ase_device, clock)
                 elif engine == "openmm":
                     r = run_openmm(model, args.ps, nvt_ps, sample_every, args.seed, args.system,
-                                   args.threads)
+                                   args.threads, args.openmm_platform, args.cuda_graphs,
+                                   args.openmm_precision, dtype, clock)
                 else:
                     r = run_lammps(model, args.ps, nvt_ps, sample_every, args.seed, out,
-                                   args.system, args.threads)
+                                   args.system, args.threads, args.lammps_device, clock)
+                if len(r["times_ps"]) < 3:  # e.g. the wall budget ran out in NVT: keep the record
+                    raise RuntimeError(f"only {len(r['times_ps'])} NVE samples in the wall budget "
+                                       f"({r['steps_done']} NVE steps)")
                 r.update(energy_drift(r["times_ps"], r["total_energy_ev"], r["n_atoms"]))
+                fit = block_drift(r["times_ps"], r["total_energy_ev"], r["n_atoms"])
+                r.update(drift_block_ev_per_atom_per_ps=fit["drift"],
+                         drift_sigma_ev_per_atom_per_ps=fit["sigma"], drift_blocks=fit["n_blocks"])
             except Exception as exc:  # one failing engine does not lose the others' numbers
                 traceback.print_exc()
                 r = {"engine": engine, "system": args.system, "error": f"{type(exc).__name__}: {exc}"}
-            r.update(dtype=dtype, ps=args.ps, nvt_ps=nvt_ps, dt_fs=DT_FS, model=str(model),
-                     threads=args.threads, wall_seconds=time.perf_counter() - wall)  # incl. NVT, setup
+            r.update(meta, wall_seconds=time.perf_counter() - wall)  # incl. NVT, setup
+            if "error" not in r:
+                r["ps"] = args.ps
+                r["ps_reached"] = r["times_ps"][-1] if r["times_ps"] else 0.0
             results.append(r)
             if "error" not in r:
-                print(f"  drift {r['drift_ev_per_atom_per_ps']:.2e} eV/atom/ps, fluctuation "
-                      f"{r['fluctuation_ev_per_atom']:.2e} eV/atom, {r['steps'] / r['seconds']:.1f} steps/s",
-                      flush=True)
+                short = (f", STOPPED at the wall budget after {r['ps_reached']:.3g} of {args.ps:g} ps"
+                         if r.get("stopped_by_budget") else "")
+                print(f"  drift {r['drift_ev_per_atom_per_ps']:.2e} eV/atom/ps (block fit "
+                      f"{r['drift_block_ev_per_atom_per_ps']:.2e} +- {r['drift_sigma_ev_per_atom_per_ps']:.1e}), "
+                      f"fluctuation {r['fluctuation_ev_per_atom']:.2e} eV/atom, "
+                      f"{r['steps_done'] / max(r['seconds'], 1e-9):.1f} steps/s{short}", flush=True)
             write_outputs(out, results, args.system, args.threads)  # after every run
 
     print("\n" + table(results))
