@@ -182,3 +182,46 @@ def test_train_cli_reports_bad_config_cleanly(tmp_path):
                           "--train", "x", "--val", "y", "--out", str(tmp_path / "r")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "error:" in out.stderr and "nonexistent" in out.stderr
+
+
+def test_budget_and_early_stopping_end_the_run_with_a_checkpoint(frames, tmp_path):
+    """max_seconds=0 stops before the first step (the initial model is still validated and
+    saved); with lr=0 no validation improves on the first, so patience 1 stops after two."""
+    quick = dict(epochs=50, batch_atoms=96, warmup_steps=1, ema_decay=None, dtype="float64",
+                 mode="none", seed=0)
+    small, val = frames[:12], frames[60:64]
+    t = Trainer(named_config("tiny"), TrainConfig(max_seconds=0.0, **quick), small, val,
+                tmp_path / "budget", progress=False, log=lambda line: None)
+    ckpt = load_checkpoint(t.run())
+    assert t.stop_reason == "max_seconds" and t.step == 0 and len(t.history) == 1
+    assert ckpt.training["stop_reason"] == "max_seconds"
+    t = Trainer(named_config("tiny"), TrainConfig(lr=0.0, early_stopping_patience=1, **quick),
+                small, val, tmp_path / "patience", progress=False, log=lambda line: None)
+    t.run()
+    assert t.stop_reason == "early_stopping" and len(t.history) == 2 and t.epoch == 2
+    # the measured throughput is recorded with every validation
+    assert t.history[-1]["train_atoms"] == t.train_atoms > 0
+    assert t.history[-1]["train_atoms_per_s"] > 0
+
+
+def test_rbf_width_option_defaults_to_the_old_function_and_old_files():
+    """rbf_width_factor is absent from configs at its default (old checkpoints stay identical)
+    and changes the edge features only when set."""
+    from transip_md.model.config import ModelConfig
+    from transip_md.model.transformer import EdgeEncoder
+
+    old = named_config("tiny").to_dict()
+    assert "rbf_width_factor" not in old
+    assert ModelConfig.from_dict(old).rbf_width_factor == 1.0
+    wide = ModelConfig.from_dict({**old, "rbf_width_factor": 2.0})
+    assert wide.to_dict()["rbf_width_factor"] == 2.0
+    torch.manual_seed(0)
+    enc_old = EdgeEncoder(ModelConfig.from_dict(old))
+    torch.manual_seed(0)
+    enc_wide = EdgeEncoder(wide)
+    vec = torch.tensor([[1.0, 0.5, -0.3]])
+    d = vec.norm(dim=-1)
+    assert enc_old.gamma == pytest.approx(4.0 * enc_wide.gamma)
+    assert not torch.allclose(enc_old(vec, d), enc_wide(vec, d))
+    with pytest.raises(ValueError, match="rbf_width_factor"):
+        ModelConfig.from_dict({**old, "rbf_width_factor": 0.0})

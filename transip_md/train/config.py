@@ -14,12 +14,17 @@ import yaml
 from ..model.config import ModelConfig, named_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-TRAINING_MODES = ("learned", "augment", "none")
+#: ``learned`` is the per-atom MSE objective (also spelled ``learned-mse``); ``learned-contrastive``
+#: the paper's pooled InfoNCE objective (see transip_md/model/equivariance.py).
+TRAINING_MODES = ("learned", "learned-mse", "learned-contrastive", "augment", "none")
+LEARNED_MODES = ("learned", "learned-mse", "learned-contrastive")
 
 
 @dataclass
 class TrainConfig:
-    mode: str = "learned"  # learned (TransIP), augment (rotated copies only), none
+    # learned / learned-mse (per-atom map g), learned-contrastive (the paper's pooled InfoNCE),
+    # augment (rotated copies only), none
+    mode: str = "learned"
     epochs: int = 50
     max_steps: Optional[int] = None  # stop early after this many optimiser steps
     batch_atoms: int = 1024
@@ -38,10 +43,28 @@ class TrainConfig:
     # Validate (and maybe checkpoint) at the end of an epoch once at least this many steps
     # passed since the last validation; small data sets have very short epochs.
     val_interval_steps: int = 0
+    # learned-contrastive: InfoNCE temperature, and the weight of the optional per-atom MSE term
+    # (0 = contrastive alone) relative to equivariance_weight.
+    contrastive_temperature: float = 0.1
+    contrastive_mse_weight: float = 0.0
+    # Stop after this many validations without a better selection score (None = never).
+    early_stopping_patience: Optional[int] = None
+    # Stop after this many seconds of training wall time (validation included; None = never).
+    max_seconds: Optional[float] = None
+    # The progress bar's loss readout copies a number to the host; do it every this many steps.
+    log_interval_steps: int = 50
 
     def __post_init__(self) -> None:
         if self.mode not in TRAINING_MODES:
             raise ValueError(f"unknown training mode '{self.mode}'; use one of {TRAINING_MODES}")
+        if self.contrastive_temperature <= 0:
+            raise ValueError(f"contrastive_temperature must be positive, got {self.contrastive_temperature}")
+        if self.contrastive_mse_weight < 0:
+            raise ValueError(f"contrastive_mse_weight must be >= 0, got {self.contrastive_mse_weight}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(f"early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
+        if self.log_interval_steps < 1:
+            raise ValueError(f"log_interval_steps must be >= 1, got {self.log_interval_steps}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got '{self.dtype}'")
 

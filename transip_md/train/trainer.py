@@ -17,10 +17,10 @@ from ..data.frames import Frame
 from ..data.splits import batches_by_atoms
 from ..metrics import accuracy, equivariance_error
 from ..model.config import MAX_ATOMIC_NUMBER, ModelConfig
-from ..model.equivariance import EquivarianceNetwork
+from ..model.equivariance import ContrastiveEquivariance, EquivarianceNetwork
 from ..model.potential import TransIPPotential
 from ..batch import collate, fit_element_energies, force_rms, make_rotations, predict, rotate_batch
-from .config import TrainConfig
+from .config import LEARNED_MODES, TrainConfig
 
 CHECKPOINT_NAME = "ckpt.pt"
 RESUME_NAME = "last.pt"
@@ -105,9 +105,17 @@ class Trainer:
         self.potential = initialise_potential(model_cfg, self.train_frames, self.dtype).to(self.device)
         # Data were validated when read; skipping per-call checks avoids host syncs per step.
         self.potential.check_inputs = False
-        self.eqnet = (EquivarianceNetwork(model_cfg).to(self.device, self.dtype)
-                      if cfg.mode == "learned" else None)
-        params = list(self.potential.parameters()) + (list(self.eqnet.parameters()) if self.eqnet else [])
+        # Per-atom map g (learned / learned-mse, and the optional MSE term of the contrastive
+        # mode) and the paper's pooled map T (learned-contrastive); training-time only.
+        mse = cfg.mode in ("learned", "learned-mse") or (
+            cfg.mode == "learned-contrastive" and cfg.contrastive_mse_weight > 0)
+        self.eqnet = EquivarianceNetwork(model_cfg).to(self.device, self.dtype) if mse else None
+        self.contrast = (ContrastiveEquivariance(model_cfg, cfg.contrastive_temperature)
+                         .to(self.device, self.dtype) if cfg.mode == "learned-contrastive" else None)
+        params = list(self.potential.parameters())
+        for extra in (self.eqnet, self.contrast):
+            if extra is not None:
+                params += list(extra.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = max(1, sum(1 for _ in batches_by_atoms(self.train_frames, cfg.batch_atoms, False, 0)))
         total = steps_per_epoch * cfg.epochs
@@ -120,6 +128,10 @@ class Trainer:
         self.best_score = math.inf
         self.history: List[Dict[str, float]] = []
         self.last_val_step = 0
+        self.stale_validations = 0  # validations since the last best (early stopping)
+        self.stop_reason = ""
+        self.train_atoms = 0  # atoms seen by optimiser steps (both views count once)
+        self.train_step_seconds = 0.0  # wall time in the step loop, validation excluded
 
     # ---------------------------------------------------------------- schedule and EMA
     def _lr_factor(self, step: int) -> float:
@@ -146,10 +158,14 @@ class Trainer:
         cfg = self.cfg
 
         def data_loss(b, energy, forces):
+            # Masked means with torch.where, not boolean indexing or .any(): those copy a
+            # number to the host and stall the GPU's queue once per call.
             e_mask = torch.isfinite(b.energy)
-            f_mask = torch.isfinite(b.forces).all(1)
-            e = ((energy - b.energy)[e_mask] / b.n_atoms[e_mask] / scale).pow(2).mean() if e_mask.any() else energy.sum() * 0
-            f = ((forces - b.forces)[f_mask] / scale).pow(2).mean() if f_mask.any() else forces.sum() * 0
+            f_mask = torch.isfinite(b.forces).all(1, keepdim=True).expand_as(b.forces)
+            de = torch.where(e_mask, (energy - b.energy) / b.n_atoms / scale, torch.zeros_like(energy))
+            df = torch.where(f_mask, (forces - b.forces) / scale, torch.zeros_like(forces))
+            e = de.pow(2).sum() / e_mask.sum().clamp_min(1)
+            f = df.pow(2).sum() / f_mask.sum().clamp_min(1)
             return e, f
 
         if cfg.mode == "augment":
@@ -157,14 +173,23 @@ class Trainer:
         energy, forces, hidden = predict(self.potential, batch, create_graph=True)
         e_loss, f_loss = data_loss(batch, energy, forces)
         out = {"energy": e_loss, "forces": f_loss}
-        if cfg.mode == "learned":
+        if cfg.mode in LEARNED_MODES:
             rot = make_rotations(batch.n_systems, self.rng, self.dtype, self.device)
             rbatch = rotate_batch(batch, rot)
             energy_r, forces_r, hidden_r = predict(self.potential, rbatch, create_graph=True)
             e_r, f_r = data_loss(rbatch, energy_r, forces_r)
             out["energy"] = 0.5 * (e_loss + e_r)
             out["forces"] = 0.5 * (f_loss + f_r)
-            out["equivariance"] = self.eqnet.loss(hidden, hidden_r, rot[batch.system])
+            if self.contrast is not None:
+                eq = self.contrast.loss(hidden, hidden_r, rot, batch.system)
+                out["contrastive"] = eq
+                if self.eqnet is not None:
+                    mse = self.eqnet.loss(hidden, hidden_r, rot[batch.system])
+                    out["equivariance_mse"] = mse
+                    eq = eq + cfg.contrastive_mse_weight * mse
+                out["equivariance"] = eq
+            else:
+                out["equivariance"] = self.eqnet.loss(hidden, hidden_r, rot[batch.system])
         total = cfg.energy_weight * out["energy"] + cfg.force_weight * out["forces"]
         if "equivariance" in out:
             total = total + cfg.equivariance_weight * out["equivariance"]
@@ -180,13 +205,20 @@ class Trainer:
         # elapsed_s continues across --resume
         start = time.time() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
         self.log(LOG_HEADER)
-        while self.epoch < cfg.epochs and self.step < self.total_steps:
+        self.stop_reason = ""
+        while self.epoch < cfg.epochs and self.step < self.total_steps and not self.stop_reason:
             self.potential.train()
-            sums: Dict[str, float] = {}
+            # Running sums stay on the device: one host copy per validation, not per step.
+            sums: Dict[str, torch.Tensor] = {}
             count = 0
+            t_loop = time.time()
             for frames in batches_by_atoms(self.train_frames, cfg.batch_atoms, True, cfg.seed + self.epoch):
                 if self.step >= self.total_steps:
                     break
+                if cfg.max_seconds is not None and time.time() - start >= cfg.max_seconds:
+                    self.stop_reason = "max_seconds"
+                    break
+                self.train_atoms += sum(len(f) for f in frames)
                 batch = collate(frames, self.dtype, self.device, self.potential.cutoff)
                 losses = self._losses(batch)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -198,17 +230,31 @@ class Trainer:
                 self._update_ema()
                 self.step += 1
                 count += 1
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                with torch.no_grad():
+                    for k, v in losses.items():
+                        sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(losses['total'].detach()):.4g}")
+                if self.progress and self.step % cfg.log_interval_steps == 0:
+                    bar.set_postfix(loss=f"{float(losses['total'].detach()):.4g}")
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # once per epoch: atoms/s counts queued work
+            self.train_step_seconds += time.time() - t_loop
             self.epoch += 1
-            final = self.epoch >= cfg.epochs or self.step >= self.total_steps
-            if final or self.step - self.last_val_step >= cfg.val_interval_steps:
-                self._validate_and_save({k: v / max(count, 1) for k, v in sums.items()},
+            if cfg.max_seconds is not None and time.time() - start >= cfg.max_seconds:
+                self.stop_reason = self.stop_reason or "max_seconds"
+            final = (self.epoch >= cfg.epochs or self.step >= self.total_steps
+                     or bool(self.stop_reason))
+            due = final or self.step - self.last_val_step >= cfg.val_interval_steps
+            if (count and due) or (final and not self.history):
+                self._validate_and_save({k: float(v) / count for k, v in sums.items()},
                                         time.time() - start)
                 self.last_val_step = self.step
+                patience = cfg.early_stopping_patience
+                if patience is not None and self.stale_validations >= patience:
+                    self.stop_reason = "early_stopping"
         bar.close()
+        if not self.stop_reason:
+            self.stop_reason = "max_steps" if self.step >= self.total_steps else "epochs"
         self._finalise()
         if self.history:
             self.log(format_summary(self.history))
@@ -220,24 +266,38 @@ class Trainer:
         val = accuracy(model, self.val_frames)
         record = {"epoch": self.epoch, "step": self.step, "elapsed_s": elapsed,
                   "lr": self.scheduler.get_last_lr()[0],
+                  "train_atoms_per_s": self.train_atoms / max(self.train_step_seconds, 1e-9),
+                  "train_atoms": self.train_atoms, "train_step_seconds": self.train_step_seconds,
                   **{f"train_{k}": v for k, v in train_losses.items()},
                   "val_energy_mae_mev_per_atom": val["energy_mae_mev_per_atom"],
                   "val_force_mae_mev_per_A": val["force_mae_mev_per_A"]}
         self.history.append(record)
         score = selection_score(record)
         is_best = score < self.best_score
+        self.stale_validations = 0 if is_best else self.stale_validations + 1
         if is_best:
             self.best_score = score
             save_checkpoint(self.out_dir / CHECKPOINT_NAME, model, self.model_cfg,
                             training=self._training_info(), metrics={"validation": val},
-                            equivariance_state=self.eqnet.state_dict() if self.eqnet else None)
+                            equivariance_state=self._equivariance_state())
         self._save_resume_state()
         (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1))
         self._plot()
         self.log(format_record(record, is_best))
 
+    def _equivariance_state(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The training-only networks' weights (g under ``eqnet.``, T under ``contrast.``; the
+        MSE mode keeps its historical unprefixed keys)."""
+        if self.contrast is None:
+            return self.eqnet.state_dict() if self.eqnet is not None else None
+        state = {f"contrast.{k}": v for k, v in self.contrast.state_dict().items()}
+        if self.eqnet is not None:
+            state.update({f"eqnet.{k}": v for k, v in self.eqnet.state_dict().items()})
+        return state
+
     def _training_info(self) -> Dict[str, Any]:
         return {"mode": self.cfg.mode, "steps": self.step, "epochs": self.epoch,
+                "stop_reason": self.stop_reason or "running",
                 "selection_score": self.best_score, "config": self.cfg.to_dict(),
                 "train_frames": len(self.train_frames), "val_frames": len(self.val_frames),
                 **self.provenance}
@@ -250,6 +310,9 @@ class Trainer:
             "potential": self.potential.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else {},
             "eqnet": self.eqnet.state_dict() if self.eqnet is not None else {},
+            "contrast": self.contrast.state_dict() if self.contrast is not None else {},
+            "stale_validations": self.stale_validations, "train_atoms": self.train_atoms,
+            "train_step_seconds": self.train_step_seconds,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": self.rng.get_state(),
         }
@@ -269,6 +332,11 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if self.eqnet is not None and state["eqnet"]:
             self.eqnet.load_state_dict(state["eqnet"])
+        if self.contrast is not None and state.get("contrast"):
+            self.contrast.load_state_dict(state["contrast"])
+        self.stale_validations = state.get("stale_validations", 0)
+        self.train_atoms = state.get("train_atoms", 0)
+        self.train_step_seconds = state.get("train_step_seconds", 0.0)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.rng.set_state(state["rng"])
@@ -284,7 +352,8 @@ class Trainer:
                                 seed=self.cfg.seed)
         metrics = dict(ckpt.metrics)
         metrics["equivariance_error"] = eq
-        save_checkpoint(path, model, ckpt.config, training=ckpt.training, metrics=metrics,
+        training = dict(ckpt.training, stop_reason=self.stop_reason)
+        save_checkpoint(path, model, ckpt.config, training=training, metrics=metrics,
                         equivariance_state=ckpt.equivariance_state)
 
     def _plot(self) -> None:
