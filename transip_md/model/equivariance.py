@@ -56,25 +56,37 @@ def random_rotations(
     return rot.to(dtype=dtype, device=device)
 
 
+def selected_layers(cfg: ModelConfig) -> List[int]:
+    """The layers named by ``cfg.equivariance_layers`` (negative = from the end), checked."""
+    layer_ids = [l if l >= 0 else cfg.layers + l for l in cfg.equivariance_layers]
+    for l in layer_ids:
+        if not 0 <= l < cfg.layers:
+            raise ValueError(f"equivariance layer {l} is outside 0..{cfg.layers - 1}")
+    return layer_ids
+
+
+def rotation_conditioned_maps(cfg: ModelConfig, count: int) -> nn.ModuleList:
+    """``count`` MLPs on [embedding, vec(R)] -> embedding, the learned rotation action shared by
+    both objectives (same layout, so checkpoints keep their parameter names)."""
+    return nn.ModuleList(
+        nn.Sequential(
+            nn.Linear(cfg.width + 9, cfg.equivariance_hidden),
+            nn.SiLU(),
+            nn.Linear(cfg.equivariance_hidden, cfg.equivariance_hidden),
+            nn.SiLU(),
+            nn.Linear(cfg.equivariance_hidden, cfg.width),
+        )
+        for _ in range(count)
+    )
+
+
 class EquivarianceNetwork(nn.Module):
     """g_l(h, R) ≈ h_l(Rx) for each selected layer l (a residual MLP on [h, vec(R)])."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.layer_ids = [l if l >= 0 else cfg.layers + l for l in cfg.equivariance_layers]
-        for l in self.layer_ids:
-            if not 0 <= l < cfg.layers:
-                raise ValueError(f"equivariance layer {l} is outside 0..{cfg.layers - 1}")
-        self.maps = nn.ModuleList(
-            nn.Sequential(
-                nn.Linear(cfg.width + 9, cfg.equivariance_hidden),
-                nn.SiLU(),
-                nn.Linear(cfg.equivariance_hidden, cfg.equivariance_hidden),
-                nn.SiLU(),
-                nn.Linear(cfg.equivariance_hidden, cfg.width),
-            )
-            for _ in self.layer_ids
-        )
+        self.layer_ids = selected_layers(cfg)
+        self.maps = rotation_conditioned_maps(cfg, len(self.layer_ids))
 
     def forward(self, hidden: List[Tensor], rotation_per_atom: Tensor) -> List[Tensor]:
         r = rotation_per_atom.reshape(-1, 9).to(hidden[0].dtype)
@@ -132,20 +144,8 @@ class ContrastiveEquivariance(nn.Module):
         if temperature <= 0:
             raise ValueError(f"contrastive temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
-        self.layer_ids = [l if l >= 0 else cfg.layers + l for l in cfg.equivariance_layers]
-        for l in self.layer_ids:
-            if not 0 <= l < cfg.layers:
-                raise ValueError(f"equivariance layer {l} is outside 0..{cfg.layers - 1}")
-        self.maps = nn.ModuleList(
-            nn.Sequential(
-                nn.Linear(cfg.width + 9, cfg.equivariance_hidden),
-                nn.SiLU(),
-                nn.Linear(cfg.equivariance_hidden, cfg.equivariance_hidden),
-                nn.SiLU(),
-                nn.Linear(cfg.equivariance_hidden, cfg.width),
-            )
-            for _ in self.layer_ids
-        )
+        self.layer_ids = selected_layers(cfg)
+        self.maps = rotation_conditioned_maps(cfg, len(self.layer_ids))
 
     def transform(self, k: int, z: Tensor, rotation: Tensor) -> Tensor:
         """T_k(z, R) for pooled embeddings z [B, W] and rotations [B, 3, 3]."""
