@@ -6,7 +6,11 @@ Two comparisons at TransIP-S sizes (W=256, H=8, E=64; R=24,576 rows, K=96 slots 
 valid, the rest padding), forward alone and forward + backward (the gradient an MD step needs):
 
 * ``op``    : torch.ops.transip_ops.neighbor_attention vs the same function in plain torch
-              (transip_md/ops/reference.py), all inputs requiring grad;
+              (transip_md/ops/reference.py), all inputs requiring grad; on CUDA both backward
+              kernels, rows ``fused-scalar`` (na_backward_scalar, the original) and
+              ``fused-vector`` (na_backward: vector atomics, 16-byte loads), switched with
+              torch.ops.transip_ops.cuda_backward_variant (TRANSIP_OPS_BACKWARD sets the
+              default, which the ``layer`` case uses);
 * ``layer`` : one whole AttentionLayer (reference) vs FusedAttentionLayer (the same parameters,
               the op inside; transip_md/model/fused_attention.py), gradient w.r.t. h and edge.
 
@@ -86,14 +90,31 @@ class Timer:
         return statistics.median(times), peak
 
 
+def _variants(device):
+    """(impl name, backward variant or None) of the fused op to time on `device`."""
+    if device.type == "cuda" and hasattr(torch.ops.transip_ops, "cuda_backward_variant"):
+        return [("fused-scalar", "scalar"), ("fused-vector", "vector")]
+    return [("fused", None)]
+
+
 def bench_op(args, timer, warmup, repeat):
     leaves = {k: (v.clone().requires_grad_(k in FLOAT_ARGS)) for k, v in args.items()}
     fused = lambda *a: torch.ops.transip_ops.neighbor_attention(*a)
+    impls = [("reference", neighbor_attention_reference, None)]
+    impls += [(name, fused, variant) for name, variant in _variants(args["x"].device)]
+    default = (torch.ops.transip_ops.cuda_backward_variant()
+               if any(v for _, _, v in impls) else None)
+
+    def use(variant):
+        if variant is not None:
+            torch.ops.transip_ops.cuda_backward_variant(variant)
+
     rows = {}
     # correctness first
     w = None
     results = {}
-    for name, fn in (("reference", neighbor_attention_reference), ("fused", fused)):
+    for name, fn, variant in impls:
+        use(variant)
         outs = fn(*[leaves[k] for k in ORDER])
         if w is None:
             g = torch.Generator(device=outs[0].device).manual_seed(1)
@@ -101,8 +122,11 @@ def bench_op(args, timer, warmup, repeat):
         grads = torch.autograd.grad(sum((o * wi).sum() for o, wi in zip(outs, w)),
                                     [leaves[k] for k in FLOAT_ARGS])
         results[name] = [o.detach() for o in outs] + list(grads)
-    err = max(rel(a, b) for a, b in zip(results["fused"], results["reference"]))
-    for name, fn in (("reference", neighbor_attention_reference), ("fused", fused)):
+    errs = {name: max(rel(a, b) for a, b in zip(results[name], results["reference"]))
+            for name, _, _ in impls[1:]}
+    for name, fn, variant in impls:
+        use(variant)
+
         def fwd():
             with torch.no_grad():
                 fn(*[args[k] for k in ORDER])
@@ -114,7 +138,8 @@ def bench_op(args, timer, warmup, repeat):
 
         rows[name] = {"forward_ms": timer(fwd, warmup, repeat),
                       "forward_backward_ms": timer(fwd_bwd, warmup, repeat)}
-    return rows, err
+    use(default)
+    return rows, errs
 
 
 def bench_layer(R, M, K, valid, dtype, device, timer, warmup, repeat):
@@ -148,7 +173,7 @@ def bench_layer(R, M, K, valid, dtype, device, timer, warmup, repeat):
 
         rows[name] = {"forward_ms": timer(fwd, warmup, repeat),
                       "forward_backward_ms": timer(fwd_bwd, warmup, repeat)}
-    return rows, err
+    return rows, {"fused": err}
 
 
 def main(argv=None):
@@ -170,20 +195,21 @@ def main(argv=None):
               else platform.processor() or "cpu",
               "torch": torch.__version__, "library": str(ops.library_path(build=False)),
               "sizes": dict(R=R, M=M, K=K, valid=V, W=256, H=8, E=64), "results": []}
-    print(f"{'case':<8}{'dtype':<9}{'impl':<11}{'fwd ms':>9}{'fwd MiB':>9}{'f+b ms':>9}"
+    print(f"{'case':<8}{'dtype':<9}{'impl':<14}{'fwd ms':>9}{'fwd MiB':>9}{'f+b ms':>9}"
           f"{'f+b MiB':>9}{'speed-up':>10}{'max rel diff':>14}")
     for dt in opt.dtype:
         dtype = getattr(torch, dt)
         args = op_inputs(R, M, K, V, 256, 8, 64, dtype, device)
-        for case, (rows, err) in (("op", bench_op(args, timer, opt.warmup, opt.repeat)),
+        for case, (rows, errs) in (("op", bench_op(args, timer, opt.warmup, opt.repeat)),
                                   ("layer", bench_layer(R, M, K, V, dtype, device, timer,
                                                         opt.warmup, opt.repeat))):
             ref_fb = rows["reference"]["forward_backward_ms"][0]
             for impl, r in rows.items():
                 (f_ms, f_mb), (fb_ms, fb_mb) = r["forward_ms"], r["forward_backward_ms"]
                 speed = ref_fb / fb_ms
-                print(f"{case:<8}{dt:<9}{impl:<11}{f_ms:9.2f}{f_mb:9.0f}{fb_ms:9.2f}{fb_mb:9.0f}"
-                      f"{speed:10.2f}{err if impl == 'fused' else float('nan'):14.2e}")
+                err = errs.get(impl, float("nan"))
+                print(f"{case:<8}{dt:<9}{impl:<14}{f_ms:9.2f}{f_mb:9.0f}{fb_ms:9.2f}{fb_mb:9.0f}"
+                      f"{speed:10.2f}{err:14.2e}")
                 report["results"].append(dict(case=case, dtype=dt, impl=impl, forward_ms=f_ms,
                                               forward_peak_mib=f_mb, forward_backward_ms=fb_ms,
                                               forward_backward_peak_mib=fb_mb,

@@ -353,10 +353,44 @@ def test_kernels_compile_with_nvrtc(dtype, sizes):
     if " NVRTC 12." not in report:
         return  # ptxas' verbose report is checked with NVRTC 12 (CI); see the GPU notes
     report = torch.ops.transip_ops.nvrtc_check(90, dtype, *sizes, verbose=True)
-    # ptxas' verbose log: both kernels built, and no register spills (a spill would mean the
-    # per-head register accumulators went to local memory, a large slowdown).
-    assert report.count("Used ") == 2, report
+    # ptxas' verbose log: the three kernels built (na_forward, na_backward and
+    # na_backward_scalar), and no register spills (a spill would mean the per-head register
+    # accumulators went to local memory, a large slowdown).
+    assert report.count("Used ") == 3, report
+    for name in ("na_forward", "na_backward", "na_backward_scalar"):
+        assert f"'{name}'" in report, (name, report)
     assert re.search(r"[1-9]\d* bytes spill stores", report) is None, report
+
+
+needs_cuda_part = pytest.mark.skipif(not ops_build.toolchain().cuda.include,
+                                     reason="library built without its CUDA part")
+
+
+@needs_cuda_part
+def test_backward_variant_switch():
+    """cuda_backward_variant: read from TRANSIP_OPS_BACKWARD once (default vector), switched
+    per call by the op; a bad name is refused. Needs no GPU (the switch only picks a kernel)."""
+    switch = torch.ops.transip_ops.cuda_backward_variant
+    before = switch()
+    assert before in ("scalar", "vector")
+    try:
+        assert switch("scalar") == "scalar" and switch() == "scalar"
+        assert switch("vector") == "vector" and switch() == "vector"
+        with pytest.raises(RuntimeError, match="must be 'scalar' or 'vector'; got 'fast'"):
+            switch("fast")
+        assert switch() == "vector"
+    finally:
+        switch(before)
+
+
+@pytest.fixture(params=["scalar", "vector"])
+def backward_variant(request):
+    """Runs a CUDA test with each backward kernel (na_backward_scalar / na_backward)."""
+    switch = torch.ops.transip_ops.cuda_backward_variant
+    before = switch()
+    switch(request.param)
+    yield request.param
+    switch(before)
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -372,7 +406,7 @@ GPU_SHAPES.update({
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))
-def test_cuda_matches_reference(shape, dtype):
+def test_cuda_matches_reference(shape, dtype, backward_variant):
     args = make_inputs(dtype=dtype, device="cuda", **GPU_SHAPES[shape])
     args64 = {k: (v if k == "gather_index" else v.double()) for k, v in args.items()}
     g = torch.Generator().manual_seed(1)
@@ -390,16 +424,60 @@ def test_cuda_matches_reference(shape, dtype):
 
 @needs_gpu
 @pytest.mark.gpu
-def test_cuda_equals_cpu_op():
+def test_cuda_equals_cpu_op(backward_variant):
     args = make_inputs(device="cuda", **GPU_SHAPES["ghost_rows"])
     cpu = call(OP, {k: v.cpu() for k, v in args.items()})
     for a, b in zip(call(OP, args), cpu):
         assert rel_err(a.cpu(), b) < 1e-12
+    g = torch.Generator().manual_seed(4)
+    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in cpu]
+    _, g_cpu = grads_of(OP, {k: v.cpu() for k, v in args.items()}, weights)
+    _, g_gpu = grads_of(OP, args, [w.cuda() for w in weights])
+    for name in FLOAT_ARGS:
+        assert rel_err(g_gpu[name].cpu(), g_cpu[name]) < 1e-12, name
 
 
 @needs_gpu
 @pytest.mark.gpu
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cuda_backward_variants_agree_unaligned(dtype):
+    """Both backward kernels give the same gradients, also when x, q_tok and the upstream
+    gradient start 4 bytes past a 16-byte boundary (the vector kernel's 16-byte loads must
+    then be off) and when W is not a multiple of 4 (scalar columns)."""
+    switch = torch.ops.transip_ops.cuda_backward_variant
+    before = switch()
+    try:
+        for shape in (GPU_SHAPES["s_model_slice"], dict(R=6, M=9, K=10, W=10, H=3, E=5)):
+            args = make_inputs(dtype=dtype, device="cuda", **shape)
+            for name in ("x", "q_tok"):  # views one element into a larger buffer
+                t = args[name]
+                buf = torch.empty(t.numel() + 1, dtype=dtype, device="cuda")
+                args[name] = buf[1:].view(t.shape).copy_(t)
+                assert args[name].data_ptr() % 16 != 0
+            got = {}
+            for variant in ("scalar", "vector"):
+                switch(variant)
+                leaves = {k: v.detach().clone() if k not in ("x", "q_tok") else v.detach()
+                          for k, v in args.items()}
+                for k in FLOAT_ARGS:
+                    leaves[k].requires_grad_(True)
+                outs = call(OP, leaves)
+                up = torch.randn(outs[0].numel() + 1, dtype=dtype, device="cuda",
+                                 generator=torch.Generator("cuda").manual_seed(5))
+                up = up[1:].view(outs[0].shape)  # unaligned upstream gradient for agg_tok
+                grads = torch.autograd.grad(outs, [leaves[k] for k in FLOAT_ARGS],
+                                            [up] + [torch.ones_like(o) for o in outs[1:]])
+                got[variant] = [o.detach() for o in outs] + list(grads)
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            for a, b in zip(got["vector"], got["scalar"]):
+                assert rel_err(a.double(), b.double()) < tol
+    finally:
+        switch(before)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay(backward_variant):
     args = make_inputs(dtype=torch.float32, device="cuda", **GPU_SHAPES["s_model_slice"])
     leaves = {k: v.clone().requires_grad_(k in ("x", "edge")) for k, v in args.items()}
 

@@ -12,8 +12,6 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <sstream>
-
 #include "transip_ops.h"
 
 namespace transip_ops {
@@ -26,27 +24,28 @@ constexpr const char* kNoDoubleBackward =
     "transip_ops.neighbor_attention has no double backward; training uses the reference path";
 
 std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << "[";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << "]";
-  return o.str();
+  std::string o = "[";
+  for (size_t i = 0; i < s.size(); ++i) o += cat(i ? ", " : "", s[i]);
+  return o + "]";
 }
+
+std::string dtype_str(const Tensor& t) { return c10::toString(t.scalar_type()); }
 
 void check_shape(const char* op, const char* name, const Tensor& t,
                  std::vector<int64_t> want, const char* meaning) {
-  TORCH_CHECK(t.dim() == static_cast<int64_t>(want.size()) && t.sizes().vec() == want, op,
-              ": argument '", name, "' must have shape ", meaning, " = ", shape_str(want),
-              "; got ", shape_str(t.sizes()));
+  TORCH_CHECK(t.dim() == static_cast<int64_t>(want.size()) && t.sizes().vec() == want,
+              cat(op, ": argument '", name, "' must have shape ", meaning, " = ",
+                  shape_str(want), "; got ", shape_str(t.sizes())));
 }
 
 void check_float(const char* op, const char* name, const Tensor& t, const Tensor& x) {
-  TORCH_CHECK(t.defined(), op, ": argument '", name, "' is an undefined tensor");
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": argument '", name, "' has dtype ",
-              t.scalar_type(), " but x has ", x.scalar_type(),
-              "; all float arguments must share one dtype (float32 or float64)");
-  TORCH_CHECK(t.device() == x.device(), op, ": argument '", name, "' is on ", t.device(),
-              " but x is on ", x.device(), "; all arguments must be on one device");
+  TORCH_CHECK(t.defined(), cat(op, ": argument '", name, "' is an undefined tensor"));
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(),
+              cat(op, ": argument '", name, "' has dtype ", dtype_str(t), " but x has ",
+                  dtype_str(x), "; all float arguments must share one dtype (float32 or float64)"));
+  TORCH_CHECK(t.device() == x.device(),
+              cat(op, ": argument '", name, "' is on ", t.device().str(), " but x is on ",
+                  x.device().str(), "; all arguments must be on one device"));
 }
 
 std::vector<Tensor> contiguous(std::initializer_list<Tensor> ts) {
@@ -60,20 +59,20 @@ std::vector<Tensor> contiguous(std::initializer_list<Tensor> ts) {
 Dims check_inputs(const char* op, const Tensor& x, const Tensor& gather_index, const Tensor& edge,
                   const Tensor& envelope, const Tensor& q_tok, const Tensor& q_edge,
                   const Tensor& bias, const Tensor& logit_self) {
-  TORCH_CHECK(x.defined(), op, ": argument 'x' is an undefined tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": argument 'x' must be float32 or float64; got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, op, ": argument 'x' must have shape [M, W]; got ",
-              shape_str(x.sizes()));
-  TORCH_CHECK(gather_index.defined() && gather_index.scalar_type() == at::kLong, op,
-              ": argument 'gather_index' must be an int64 tensor; got ",
-              gather_index.defined() ? c10::toString(gather_index.scalar_type()) : "undefined");
-  TORCH_CHECK(gather_index.device() == x.device(), op, ": argument 'gather_index' is on ",
-              gather_index.device(), " but x is on ", x.device(),
-              "; all arguments must be on one device");
-  TORCH_CHECK(gather_index.dim() == 2, op,
-              ": argument 'gather_index' must have shape [R, K]; got ",
-              shape_str(gather_index.sizes()));
+  TORCH_CHECK(x.defined(), cat(op, ": argument 'x' is an undefined tensor"));
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              cat(op, ": argument 'x' must be float32 or float64; got ", dtype_str(x)));
+  TORCH_CHECK(x.dim() == 2,
+              cat(op, ": argument 'x' must have shape [M, W]; got ", shape_str(x.sizes())));
+  TORCH_CHECK(gather_index.defined() && gather_index.scalar_type() == at::kLong,
+              cat(op, ": argument 'gather_index' must be an int64 tensor; got ",
+                  gather_index.defined() ? dtype_str(gather_index) : std::string("undefined")));
+  TORCH_CHECK(gather_index.device() == x.device(),
+              cat(op, ": argument 'gather_index' is on ", gather_index.device().str(),
+                  " but x is on ", x.device().str(), "; all arguments must be on one device"));
+  TORCH_CHECK(gather_index.dim() == 2,
+              cat(op, ": argument 'gather_index' must have shape [R, K]; got ",
+                  shape_str(gather_index.sizes())));
   check_float(op, "edge", edge, x);
   check_float(op, "envelope", envelope, x);
   check_float(op, "q_tok", q_tok, x);
@@ -85,15 +84,15 @@ Dims check_inputs(const char* op, const Tensor& x, const Tensor& gather_index, c
   d.W = x.size(1);
   d.R = gather_index.size(0);
   d.K = gather_index.size(1);
-  TORCH_CHECK(edge.dim() == 3, op, ": argument 'edge' must have shape [R, K, E]; got ",
-              shape_str(edge.sizes()));
+  TORCH_CHECK(edge.dim() == 3, cat(op, ": argument 'edge' must have shape [R, K, E]; got ",
+                                    shape_str(edge.sizes())));
   d.E = edge.size(2);
-  TORCH_CHECK(logit_self.dim() == 2, op,
-              ": argument 'logit_self' must have shape [R, H]; got ",
-              shape_str(logit_self.sizes()));
+  TORCH_CHECK(logit_self.dim() == 2,
+              cat(op, ": argument 'logit_self' must have shape [R, H]; got ",
+                  shape_str(logit_self.sizes())));
   d.H = logit_self.size(1);
-  TORCH_CHECK(d.R <= d.M, op, ": gather_index has R = ", d.R, " rows but x only M = ", d.M,
-              " (rows >= R of x are ghost rows; R <= M)");
+  TORCH_CHECK(d.R <= d.M, cat(op, ": gather_index has R = ", d.R, " rows but x only M = ",
+                               d.M, " (rows >= R of x are ghost rows; R <= M)"));
   check_shape(op, "edge", edge, {d.R, d.K, d.E}, "[R, K, E]");
   check_shape(op, "envelope", envelope, {d.R, d.K}, "[R, K]");
   check_shape(op, "q_tok", q_tok, {d.R, d.H, d.W}, "[R, H, W]");
@@ -104,9 +103,10 @@ Dims check_inputs(const char* op, const Tensor& x, const Tensor& gather_index, c
     // Cheap on the CPU; on a GPU it would need a host sync (the kernel guards instead).
     const int64_t lo = gather_index.min().item<int64_t>();
     const int64_t hi = gather_index.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < d.M, op, ": argument 'gather_index' has values in [", lo, ", ",
-                hi, "] but x has M = ", d.M,
-                " rows (padding slots must be remapped to the row's own index)");
+    TORCH_CHECK(lo >= 0 && hi < d.M,
+                cat(op, ": argument 'gather_index' has values in [", lo, ", ", hi,
+                    "] but x has M = ", d.M,
+                    " rows (padding slots must be remapped to the row's own index)"));
   }
   return d;
 }
@@ -137,10 +137,11 @@ Tuple6 forward_kernel(const Tensor& x, const Tensor& gather_index, const Tensor&
 #ifdef TRANSIP_OPS_WITH_CUDA
     r = forward_cuda(d, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]);
 #else
-    TORCH_CHECK(false, op,
-                ": called on CUDA tensors but this transip_ops library was built without its "
-                "CUDA part (no CUDA headers cuda.h/nvrtc.h found at build time, or torch has "
-                "no CUDA); see transip_md.ops.cuda_available() and the build log");
+    TORCH_CHECK(false,
+                cat(op, ": called on CUDA tensors but this transip_ops library was built "
+                        "without its CUDA part (no CUDA headers cuda.h/nvrtc.h found at build "
+                        "time, or torch has no CUDA); see transip_md.ops.cuda_available() and "
+                        "the build log"));
 #endif
   } else {
     r = forward_cpu(d, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]);
@@ -185,9 +186,9 @@ Tuple7 backward_kernel(const Tensor& g_tok, const Tensor& g_edge, const Tensor& 
     r = backward_cuda(d, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10],
                       c[11], c[12], c[13]);
 #else
-    TORCH_CHECK(false, op,
-                ": called on CUDA tensors but this transip_ops library was built without its "
-                "CUDA part; see transip_md.ops.cuda_available()");
+    TORCH_CHECK(false, cat(op, ": called on CUDA tensors but this transip_ops library was "
+                               "built without its CUDA part; see "
+                               "transip_md.ops.cuda_available()"));
 #endif
   } else {
     r = backward_cpu(d, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10],
@@ -291,14 +292,13 @@ Tuple7 backward_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
 }
 
 std::string build_info() {
-  std::ostringstream o;
-  o << "transip_ops: CPU kernels";
+  std::string o = "transip_ops: CPU kernels";
 #ifdef TRANSIP_OPS_WITH_CUDA
-  o << ", CUDA kernels (NVRTC at run time)";
+  o += ", CUDA kernels (NVRTC at run time)";
 #else
-  o << ", no CUDA part";
+  o += ", no CUDA part";
 #endif
-  return o.str();
+  return o;
 }
 
 }  // namespace
@@ -326,6 +326,7 @@ TORCH_LIBRARY(transip_ops, m) {
   m.def("nvrtc_check(int arch, str dtype, int width, int heads, int edge_width, "
         "bool verbose=False) -> str",
         &transip_ops::nvrtc_check);
+  m.def("cuda_backward_variant(str set=\"\") -> str", &transip_ops::cuda_backward_variant);
 #endif
 }
 

@@ -12,6 +12,14 @@
 // large for it (lbuf != nullptr). Invalid slots (envelope <= 0) never need a logit; slots with
 // envelope exactly 0 have weight 0 and are skipped where they would only add zeros.
 // Semantics: transip_md/ops/__init__.py.
+//
+// Two backward kernels: na_backward_scalar (the original: one thread per column, one scalar
+// atomicAdd per (slot, column) into dx) and na_backward (the default, TRANSIP_OPS_BACKWARD=
+// vector): 16-byte loads of the x / q_tok / g_tok rows in phase 1 where aligned, and phase 3
+// split into a dx scatter with vector atomics (float32 on sm_90+: atomicAdd(float4*) or
+// (float2*), 4 or 2 columns per thread, slots shared out over thread groups; scalar atomicAdd
+// for float64 and elsewhere) and an atomic-free pass for dq_tok, dedge, dq_edge. The host picks
+// the kernel per call (neighbor_attention_cuda.cpp); both compute the same sums.
 
 typedef SCALAR T;
 typedef long long i64;
@@ -23,6 +31,70 @@ __device__ __forceinline__ float exp_t(float v) { return expf(v); }
 __device__ __forceinline__ double exp_t(double v) { return exp(v); }
 __device__ __forceinline__ float max_t(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double max_t(double a, double b) { return fmax(a, b); }
+
+// 16-byte vectors of T for the aligned row loads (x, q_tok, g_tok rows when W % LV == 0 and
+// the host found the base pointers 16-byte aligned: the `vec` kernel argument).
+template <typename S>
+struct Vec16;
+template <>
+struct Vec16<float> {
+  typedef float4 type;
+  enum { n = 4 };
+};
+template <>
+struct Vec16<double> {
+  typedef double2 type;
+  enum { n = 2 };
+};
+typedef Vec16<T>::type VT;
+#define LV (Vec16<T>::n)
+
+// acc + a . b, summed in component order.
+__device__ __forceinline__ float vdot(float acc, float4 a, float4 b) {
+  acc += a.x * b.x;
+  acc += a.y * b.y;
+  acc += a.z * b.z;
+  return acc + a.w * b.w;
+}
+__device__ __forceinline__ double vdot(double acc, double2 a, double2 b) {
+  acc += a.x * b.x;
+  return acc + a.y * b.y;
+}
+
+// Vector float atomics in global memory: compute capability 9.x and CUDA >= 12.2 (where the
+// float2 / float4 overloads of atomicAdd exist). Elsewhere VA is 1 (scalar atomics).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 &&                                  \
+    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 2))
+#define HAVE_VEC_ATOMIC 1
+#else
+#define HAVE_VEC_ATOMIC 0
+#endif
+
+// Columns per thread in the vector kernel's dx scatter: 4 (float4 atomics) while the per-thread
+// g_tok / q_tok columns (2 * H * VA registers) stay at 64, 2 up to H = 16, else 1.
+__device__ constexpr int pick_va() {
+  return (HAVE_VEC_ATOMIC && sizeof(T) == 4)
+             ? ((H_ <= 8 && W_ % 4 == 0) ? 4 : ((H_ <= 16 && W_ % 2 == 0) ? 2 : 1))
+             : 1;
+}
+#define VA (pick_va())
+
+// dx[p .. p + V) += s[0 .. V); p is V * sizeof(T)-byte aligned (dx rows are W * sizeof(T)
+// bytes, W % V == 0, dx's base is 16-byte aligned: checked on the host).
+template <int V>
+__device__ __forceinline__ void atomic_add_cols(T* p, const T* s) {
+#if HAVE_VEC_ATOMIC
+  if constexpr (V == 4) {
+    atomicAdd(reinterpret_cast<float4*>(p), make_float4(s[0], s[1], s[2], s[3]));
+  } else if constexpr (V == 2) {
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(s[0], s[1]));
+  } else
+#endif
+  {
+#pragma unroll
+    for (int v = 0; v < V; ++v) atomicAdd(p + v, s[v]);
+  }
+}
 
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
@@ -55,7 +127,8 @@ na_forward(const T* __restrict__ x, const i64* __restrict__ gidx, const T* __res
            const T* __restrict__ env, const T* __restrict__ q_tok, const T* __restrict__ q_edge,
            const T* __restrict__ bias, const T* __restrict__ logit_self, T* __restrict__ agg_tok,
            T* __restrict__ agg_edge, T* __restrict__ a_sum, T* __restrict__ a_self,
-           T* __restrict__ row_max, T* __restrict__ denom, T* __restrict__ lbuf, int K, i64 M) {
+           T* __restrict__ row_max, T* __restrict__ denom, T* __restrict__ lbuf, int K, i64 M,
+           int vec) {
   extern __shared__ double smem[];  // double: 8-byte alignment for every part below
   const i64 i = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -75,10 +148,22 @@ na_forward(const T* __restrict__ x, const i64* __restrict__ gidx, const T* __res
     T acc[H_];
 #pragma unroll
     for (int h = 0; h < H_; ++h) acc[h] = 0;
-    for (int c = lane; c < W_; c += 32) {
-      const T v = xk[c];
+    // float4 loads where x and q_tok are 16-byte aligned (host check). Not for double: with
+    // double2 ptxas spilled a register at W64-H4-E16, for little gain.
+    if (sizeof(T) == 4 && W_ % LV == 0 && vec) {
+      const VT* xv = reinterpret_cast<const VT*>(xk);
+      for (int c = lane; c < W_ / LV; c += 32) {
+        const VT v = xv[c];
 #pragma unroll
-      for (int h = 0; h < H_; ++h) acc[h] += v * qt[h * W_ + c];
+        for (int h = 0; h < H_; ++h)
+          acc[h] = vdot(acc[h], v, reinterpret_cast<const VT*>(qt + h * W_)[c]);
+      }
+    } else {
+      for (int c = lane; c < W_; c += 32) {
+        const T v = xk[c];
+#pragma unroll
+        for (int h = 0; h < H_; ++h) acc[h] += v * qt[h * W_ + c];
+      }
     }
     for (int c = lane; c < E_; c += 32) {
       const T v = ek[c];
@@ -162,16 +247,17 @@ na_forward(const T* __restrict__ x, const i64* __restrict__ gidx, const T* __res
 //   dq_tok[h] = sum_k dl x_k                  dq_edge[h] = sum_k dl e_k
 //   dx[idx_k] += sum_h a g_tok[h] + dl q_tok[h]   (atomicAdd: rows share neighbours)
 //   dedge[k] = sum_h a g_edge[h] + dl q_edge[h]
-extern "C" __global__ void __launch_bounds__(NT)
-na_backward(const T* __restrict__ g_tok, const T* __restrict__ g_edge,
-            const T* __restrict__ g_sum, const T* __restrict__ g_self, const T* __restrict__ x,
-            const i64* __restrict__ gidx, const T* __restrict__ edge, const T* __restrict__ env,
-            const T* __restrict__ q_tok, const T* __restrict__ q_edge, const T* __restrict__ bias,
-            const T* __restrict__ logit_self, const T* __restrict__ row_max,
-            const T* __restrict__ denom, T* __restrict__ dx, T* __restrict__ dedge,
-            T* __restrict__ denv, T* __restrict__ dq_tok, T* __restrict__ dq_edge,
-            T* __restrict__ dbias, T* __restrict__ dlogit_self, T* __restrict__ lbuf, int K,
-            i64 M) {
+template <bool kVec>
+__device__ __forceinline__ void
+backward_body(const T* __restrict__ g_tok, const T* __restrict__ g_edge,
+              const T* __restrict__ g_sum, const T* __restrict__ g_self, const T* __restrict__ x,
+              const i64* __restrict__ gidx, const T* __restrict__ edge, const T* __restrict__ env,
+              const T* __restrict__ q_tok, const T* __restrict__ q_edge, const T* __restrict__ bias,
+              const T* __restrict__ logit_self, const T* __restrict__ row_max,
+              const T* __restrict__ denom, T* __restrict__ dx, T* __restrict__ dedge,
+              T* __restrict__ denv, T* __restrict__ dq_tok, T* __restrict__ dq_edge,
+              T* __restrict__ dbias, T* __restrict__ dlogit_self, T* __restrict__ lbuf, int K,
+              i64 M, int vec) {
   extern __shared__ double smem[];
   const i64 i = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -201,7 +287,28 @@ na_backward(const T* __restrict__ g_tok, const T* __restrict__ g_edge,
     T al[H_], ag[H_];
 #pragma unroll
     for (int h = 0; h < H_; ++h) al[h] = ag[h] = 0;
-    if (valid) {
+    // W part. 16-byte loads of the x, q_tok and g_tok rows in the vector kernel (all three
+    // 16-byte aligned: host check); invalid slots need only ga.
+    const bool vl = kVec && W_ % LV == 0 && vec;
+    if (vl && valid) {
+      const VT* xv = reinterpret_cast<const VT*>(xk);
+      for (int c = lane; c < W_ / LV; c += 32) {
+        const VT v = xv[c];
+#pragma unroll
+        for (int h = 0; h < H_; ++h) {
+          al[h] = vdot(al[h], v, reinterpret_cast<const VT*>(qt + h * W_)[c]);
+          ag[h] = vdot(ag[h], v, reinterpret_cast<const VT*>(gt + h * W_)[c]);
+        }
+      }
+    } else if (vl) {
+      const VT* xv = reinterpret_cast<const VT*>(xk);
+      for (int c = lane; c < W_ / LV; c += 32) {
+        const VT v = xv[c];
+#pragma unroll
+        for (int h = 0; h < H_; ++h)
+          ag[h] = vdot(ag[h], v, reinterpret_cast<const VT*>(gt + h * W_)[c]);
+      }
+    } else if (valid) {
       for (int c = lane; c < W_; c += 32) {
         const T v = xk[c];
 #pragma unroll
@@ -210,6 +317,15 @@ na_backward(const T* __restrict__ g_tok, const T* __restrict__ g_edge,
           ag[h] += v * gt[h * W_ + c];
         }
       }
+    } else {
+      for (int c = lane; c < W_; c += 32) {
+        const T v = xk[c];
+#pragma unroll
+        for (int h = 0; h < H_; ++h) ag[h] += v * gt[h * W_ + c];
+      }
+    }
+    // E part (scalar loads: edge rows and q_edge / g_edge carry no alignment promise).
+    if (valid) {
       for (int c = lane; c < E_; c += 32) {
         const T v = ek[c];
 #pragma unroll
@@ -219,11 +335,6 @@ na_backward(const T* __restrict__ g_tok, const T* __restrict__ g_edge,
         }
       }
     } else {
-      for (int c = lane; c < W_; c += 32) {
-        const T v = xk[c];
-#pragma unroll
-        for (int h = 0; h < H_; ++h) ag[h] += v * gt[h * W_ + c];
-      }
       for (int c = lane; c < E_; c += 32) {
         const T v = ek[c];
 #pragma unroll
@@ -283,14 +394,55 @@ na_backward(const T* __restrict__ g_tok, const T* __restrict__ g_edge,
   }
   __syncthreads();
 
-  // 3. Column passes: dx (scattered), dq_tok over the W columns; dedge, dq_edge over E.
+  if constexpr (kVec) {
+    // 3a (vector kernel). dx scatter alone (it needs no x): thread (grp, q) owns the VA
+    // columns [q VA, q VA + VA) and the slots k = grp, grp + G3, ...; one VA-wide atomic per
+    // (slot, column group). With fewer column groups NQ than threads, G3 = NT / NQ groups of
+    // threads share out the slots (threads tid >= G3 NQ idle); else G3 = 1 and each thread
+    // takes the column groups q = tid, tid + NT, ... over all slots.
+    constexpr int NQ = W_ / VA;
+    constexpr int G3 = NQ >= NT ? 1 : NT / NQ;
+    const int grp = tid / NQ;
+    if (grp < G3) {
+      for (int q = tid % NQ; q < NQ; q += NT) {
+        T gr[H_][VA], qr[H_][VA];
+#pragma unroll
+        for (int h = 0; h < H_; ++h) {
+#pragma unroll
+          for (int v = 0; v < VA; ++v) {
+            gr[h][v] = gt[h * W_ + q * VA + v];
+            qr[h][v] = qt[h * W_ + q * VA + v];
+          }
+        }
+        for (int k = grp; k < K; k += G3) {
+          if (s_env[k] == (T)0) continue;  // a = dl = 0: nothing to add
+          T sv[VA];
+#pragma unroll
+          for (int v = 0; v < VA; ++v) sv[v] = 0;
+#pragma unroll
+          for (int h = 0; h < H_; ++h) {
+            const T a = L[k * H_ + h], dl = G[k * H_ + h];
+#pragma unroll
+            for (int v = 0; v < VA; ++v) sv[v] += a * gr[h][v] + dl * qr[h][v];
+          }
+          atomic_add_cols<VA>(dx + s_idx[k] * W_ + q * VA, sv);
+        }
+      }
+    }
+    // No barrier needed: 3a and 3b only read shared memory and write different outputs.
+  }
+
+  // 3. Column passes: dx (scattered; scalar kernel only), dq_tok over the W columns; dedge,
+  // dq_edge over E.
   for (int c = tid; c < W_ + E_; c += NT) {
     T gr[H_], qr[H_], dq[H_];
     if (c < W_) {
 #pragma unroll
       for (int h = 0; h < H_; ++h) {
-        gr[h] = gt[h * W_ + c];
-        qr[h] = qt[h * W_ + c];
+        if (!kVec) {
+          gr[h] = gt[h * W_ + c];
+          qr[h] = qt[h * W_ + c];
+        }
         dq[h] = 0;
       }
       for (int k = 0; k < K; ++k) {
@@ -300,10 +452,10 @@ na_backward(const T* __restrict__ g_tok, const T* __restrict__ g_edge,
         T s = 0;
 #pragma unroll
         for (int h = 0; h < H_; ++h) {
-          s += L[k * H_ + h] * gr[h] + G[k * H_ + h] * qr[h];
+          if (!kVec) s += L[k * H_ + h] * gr[h] + G[k * H_ + h] * qr[h];
           dq[h] += G[k * H_ + h] * v;
         }
-        atomicAdd(dx + j * W_ + c, s);
+        if (!kVec) atomicAdd(dx + j * W_ + c, s);
       }
 #pragma unroll
       for (int h = 0; h < H_; ++h) dq_tok[(i * H_ + h) * W_ + c] = dq[h];
@@ -331,4 +483,29 @@ na_backward(const T* __restrict__ g_tok, const T* __restrict__ g_edge,
       for (int h = 0; h < H_; ++h) dq_edge[(i * H_ + h) * E_ + e] = dq[h];
     }
   }
+}
+
+#define NA_BACKWARD_PARAMS                                                                     \
+  const T *__restrict__ g_tok, const T *__restrict__ g_edge, const T *__restrict__ g_sum,      \
+      const T *__restrict__ g_self, const T *__restrict__ x, const i64 *__restrict__ gidx,     \
+      const T *__restrict__ edge, const T *__restrict__ env, const T *__restrict__ q_tok,      \
+      const T *__restrict__ q_edge, const T *__restrict__ bias,                               \
+      const T *__restrict__ logit_self, const T *__restrict__ row_max,                        \
+      const T *__restrict__ denom, T *__restrict__ dx, T *__restrict__ dedge,                 \
+      T *__restrict__ denv, T *__restrict__ dq_tok, T *__restrict__ dq_edge,                  \
+      T *__restrict__ dbias, T *__restrict__ dlogit_self, T *__restrict__ lbuf, int K, i64 M, \
+      int vec
+#define NA_BACKWARD_ARGS                                                                    \
+  g_tok, g_edge, g_sum, g_self, x, gidx, edge, env, q_tok, q_edge, bias, logit_self, row_max, \
+      denom, dx, dedge, denv, dq_tok, dq_edge, dbias, dlogit_self, lbuf, K, M, vec
+
+// The original backward (TRANSIP_OPS_BACKWARD=scalar); `vec` is ignored.
+extern "C" __global__ void __launch_bounds__(NT) na_backward_scalar(NA_BACKWARD_PARAMS) {
+  backward_body<false>(NA_BACKWARD_ARGS);
+}
+
+// The default backward (TRANSIP_OPS_BACKWARD=vector); `vec` != 0: x, q_tok and g_tok are
+// 16-byte aligned. dx must be 16-byte aligned (the host launches the scalar kernel otherwise).
+extern "C" __global__ void __launch_bounds__(NT) na_backward(NA_BACKWARD_PARAMS) {
+  backward_body<true>(NA_BACKWARD_ARGS);
 }

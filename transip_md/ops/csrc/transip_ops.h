@@ -6,11 +6,36 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace transip_ops {
 
 using at::Tensor;
+
+// Messages are built as ONE std::string with std::to_string and concatenation, never through
+// iostreams, and TORCH_CHECK gets that single string (c10::str passes a lone std::string
+// through without an ostringstream). Streaming a number from this g++-built library
+// (ostringstream << int64_t, which c10::str does for several arguments) crashed inside the
+// op with a torch wheel built by a newer GCC toolset (torch 2.11: its libstdc++ parts and ours
+// disagree on the locale's num_put state). Strings, C strings and integers only; use
+// c10::toString(ScalarType) and Device::str() for those.
+namespace detail {
+inline void cat_one(std::string& s, const char* p) { s += p ? p : "(null)"; }
+inline void cat_one(std::string& s, const std::string& p) { s += p; }
+template <typename I, std::enable_if_t<std::is_integral_v<I> && !std::is_same_v<I, bool> &&
+                                           !std::is_same_v<I, char>, int> = 0>
+inline void cat_one(std::string& s, I v) {
+  s += std::to_string(v);
+}
+}  // namespace detail
+
+template <typename... A>
+std::string cat(const A&... a) {
+  std::string s;
+  (detail::cat_one(s, a), ...);
+  return s;
+}
 
 // Sizes of one call, read from the inputs by check_inputs.
 struct Dims {
@@ -64,6 +89,10 @@ std::vector<Tensor> backward_cuda(const Dims& d, const Tensor& g_tok, const Tens
 // `verbose` (errors carry NVRTC's log).
 std::string nvrtc_check(int64_t arch, std::string dtype, int64_t width, int64_t heads,
                         int64_t edge_width, bool verbose);
+// The CUDA backward kernel that later calls use: "vector" (na_backward, the default) or
+// "scalar" (na_backward_scalar, the original; also turns off the forward's 16-byte loads).
+// Initially $TRANSIP_OPS_BACKWARD (read once); a non-empty `set` switches it. Returns it.
+std::string cuda_backward_variant(std::string set);
 #endif
 
 }  // namespace transip_ops
