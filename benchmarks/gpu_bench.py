@@ -11,7 +11,14 @@ Parts (``--parts``, comma list; a part whose packages are missing is reported an
   (median of CUDA-event-timed calls), peak memory above the inputs, and the time of the
   embedded neighbour list alone. Variants: ``fp32`` (full precision matrix products),
   ``tf32`` (TensorFloat-32 matrix units) and ``lowmem`` (fp32 with the file's ``low_memory``
-  activation checkpointing), with the force error of each against a float64 export.
+  activation checkpointing), with the force error of each against a float64 export; and
+  ``graph``: the file's static-shape entry point ``energy_static`` (the path behind OpenMM's
+  ``cuda_graphs=True``: neighbours from a fixed-size cell list, or all pairs for small boxes,
+  planned by ``plan_static_neighbors`` from the box) with autograd forces, the whole call
+  captured once into a ``torch.cuda.CUDAGraph`` and timed by replay (each replay first copies
+  the positions into the graph's input buffer). Its peak memory is that of the warm-up calls
+  and the capture; the plan (search, grid, capacities) is in the row, and a failed capture is
+  reported as ``graph_error``, not raised.
 * ``profile``: one energy+forces call at the largest ``--sizes`` entry under torch.profiler:
   kernel count, GPU busy time, and time by kernel class (matrix products, gathers/scatters,
   the rest).
@@ -20,7 +27,10 @@ Parts (``--parts``, comma list; a part whose packages are missing is reported an
   PyTorch and with cuEquivariance kernels (``cueq_config``); its graph is built once outside the
   timed call (TransIP's neighbour list is timed inside; that favours MACE).
 * ``openmm``: OpenMM CUDA platform steps/s through TorchForce with and without CUDA graphs (runs
-  ``benchmarks/openmm_gpu.py`` in a subprocess so a crash there cannot take this run down).
+  ``benchmarks/openmm_gpu.py`` in a subprocess so a crash there cannot take this run down). The
+  random-weight model is timed from the lattice with a near-zero step (``--no-relax
+  --timestep-fs 0.001``): at 0.5 fs its dynamics bring two atoms together within a few hundred
+  steps, and the cost per step does not depend on the step. ``--model`` runs relax and use 0.5 fs.
 * ``lammps``: LAMMPS timesteps/s of the periodic water deck (``fix nve``, 0.5 fs) with
   ``pair_style transip device cuda``, one rank; needs ``--lmp`` (the LAMMPS executable) and
   ``--plugin`` (``python -m transip_md.lammps build`` prints it).
@@ -53,6 +63,8 @@ sys.path.insert(0, str(ROOT))
 
 from transip_md.export import export_potential, load_exported  # noqa: E402
 from transip_md.model import TransIPPotential, named_config  # noqa: E402
+from transip_md.model.static_shapes import (StaticNeighborPlan, plan_static_neighbors,  # noqa: E402
+                                            supports_cell_list)
 from transip_md.systems import water_box  # noqa: E402
 
 WATER_ATOMS = 3
@@ -121,6 +133,107 @@ def set_tf32(on: bool) -> None:
     torch.backends.cudnn.allow_tf32 = on
 
 
+# ----------------------------------------------------------------------------- static shapes
+def static_plan(model, atoms) -> StaticNeighborPlan:
+    """The static-shape neighbour search for a periodic box, as ``make_torch_force`` plans it
+    (the O(N^2) all-pairs search for files that predate the cell list)."""
+    return plan_static_neighbors(len(atoms), float(model.cutoff), atoms.cell.array, periodic=True,
+                                 cell_list=supports_cell_list(model))
+
+
+def plan_record(plan: StaticNeighborPlan) -> Dict:
+    return {"search": "cell list" if plan.uses_cell_list else "all pairs",
+            "neighbor_capacity": plan.neighbor_capacity, "cell_capacity": plan.cell_capacity,
+            "grid": list(plan.grid)}
+
+
+def static_energy_forces(model, inputs, plan: StaticNeighborPlan):
+    """(energy, forces) through ``model.energy_static`` with ``plan``; forces by autograd.
+
+    ``inputs`` = (positions, numbers, cell, pbc, charge, spin) as for ``compute``. Positions that
+    require grad are used as they are (a CUDA graph's static input buffer), others are detached.
+    No host synchronisation: this is what :func:`capture_static_graph` records.
+    """
+    positions, numbers, cell, pbc, charge, spin = inputs
+    if not positions.requires_grad:
+        positions = positions.detach().requires_grad_(True)
+    energy = model.energy_static(positions, numbers, cell, pbc, charge, spin, *plan.arguments())
+    (grad,) = torch.autograd.grad([energy], [positions])
+    return energy.detach(), -grad
+
+
+def capture_static_graph(model, inputs, plan: StaticNeighborPlan, warmup: int = 5):
+    """Capture :func:`static_energy_forces` once into a CUDA graph.
+
+    As the PyTorch CUDA-graphs notes prescribe: static input buffers, ``warmup`` eager calls on
+    a side stream first (TorchScript's profiling executor specialises the graph on its first
+    runs; cuBLAS sets up its workspaces), then one capture. Returns ``replay(positions=None)``,
+    which copies ``positions`` (if given) into the static buffer, replays, and returns the
+    static (energy, forces) outputs (overwritten by the next replay).
+    """
+    if not torch.cuda.is_available() or inputs[0].device.type != "cuda":
+        raise RuntimeError("CUDA-graph capture needs the inputs on a CUDA device")
+    static_positions = inputs[0].detach().clone().requires_grad_(True)
+    static_inputs = (static_positions,) + tuple(inputs[1:])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            static_energy_forces(model, static_inputs, plan)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        energy, forces = static_energy_forces(model, static_inputs, plan)
+    torch.cuda.synchronize()
+
+    def replay(positions=None):
+        if positions is not None:
+            with torch.no_grad():
+                static_positions.copy_(positions)
+        graph.replay()
+        return energy, forces
+
+    replay.graph = graph  # keeps the graph (and its memory pool) alive with the function
+    return replay
+
+
+def bench_graph(model, atoms, inputs, reference, warmup: int = 5) -> Dict:
+    """The ``graph`` variant's columns for one box: ``graph_plan``, ``graph_ms``,
+    ``graph_peak_gib``, ``graph_force_rel_err`` (with ``reference``), or ``graph_error``."""
+    out: Dict = {}
+    replay = None
+    try:
+        plan = static_plan(model, atoms)
+        out["graph_plan"] = plan_record(plan)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        replay = capture_static_graph(model, inputs, plan, warmup=warmup)
+        out["graph_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / GiB
+        positions = inputs[0].detach()
+        out["graph_ms"] = cuda_time_ms(lambda: replay(positions))
+        energy, forces = replay(positions)
+        torch.cuda.synchronize()
+        if not bool(torch.isfinite(energy)):
+            out["graph_error"] = ("NaN energy: a static-shape capacity is exceeded "
+                                  f"({plan_record(plan)})")
+        elif reference is not None:
+            f = forces.double()
+            out["graph_force_rel_err"] = float((f - reference).norm() / reference.norm())
+    except Exception as exc:  # report, keep the other variants and sizes
+        out["graph_error"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+        traceback.print_exc()
+        try:
+            torch.cuda.synchronize()
+        except Exception:
+            pass
+    finally:
+        replay = None  # frees the graph and its memory pool
+        torch.cuda.empty_cache()
+    return out
+
+
 # ----------------------------------------------------------------------------- TransIP
 def bench_transip(args, files: Dict[str, Path], device: torch.device) -> Dict:
     model32 = load_exported(files["float32"], device=device)
@@ -142,7 +255,8 @@ def bench_transip(args, files: Dict[str, Path], device: torch.device) -> Dict:
         if len(atoms) <= args.accuracy_max_atoms:
             _, in64 = box_tensors(n_atoms, device, torch.float64)
             reference = model64.compute(*in64, True, False)["forces"]
-        for variant in ("fp32", "tf32", "lowmem"):
+        eager = [v for v in ("fp32", "tf32", "lowmem") if v in args.variants]
+        for variant in eager:
             set_tf32(variant == "tf32")
             model32.low_memory = variant == "lowmem"  # activation checkpointing, fp32
             call = lambda: model32.compute(*inputs, True, False)  # noqa: E731
@@ -153,21 +267,40 @@ def bench_transip(args, files: Dict[str, Path], device: torch.device) -> Dict:
                 row[f"{variant}_force_rel_err"] = float((f - reference).norm() / reference.norm())
         set_tf32(False)
         model32.low_memory = False
-        row["lowmem_gib_per_10k_atoms"] = row["lowmem_peak_gib"] * 1e4 / len(atoms)
-        row["fp32_gib_per_10k_atoms"] = row["fp32_peak_gib"] * 1e4 / len(atoms)
+        # graph (fp32) last: a failed capture must not disturb the other variants' numbers
+        if "graph" in args.variants:
+            row.update(bench_graph(model32, atoms, inputs, reference, warmup=args.graph_capture_warmup))
+        for variant in ("fp32", "lowmem", "graph"):
+            if f"{variant}_peak_gib" in row:
+                row[f"{variant}_gib_per_10k_atoms"] = row[f"{variant}_peak_gib"] * 1e4 / len(atoms)
         rows.append(row)
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
     print(f"\nTransIP-{args.size} float32, energy+forces, H2O periodic boxes ({torch.cuda.get_device_name()})")
-    print(f"{'atoms':>7} {'fp32 ms':>8} {'tf32 ms':>8} {'lowmem ms':>9} {'nbr ms':>7} {'peak GiB':>9} "
-          f"{'GiB/10k':>8} {'lowmem GiB/10k':>15} {'fp32 err':>9} {'tf32 err':>9} {'lowmem err':>10}")
-    for r in rows:
-        print(f"{r['atoms']:>7} {r['fp32_ms']:>8.2f} {r['tf32_ms']:>8.2f} {r['lowmem_ms']:>9.2f} "
-              f"{r['neighbor_list_ms']:>7.2f} {r['fp32_peak_gib']:>9.2f} {r['fp32_gib_per_10k_atoms']:>8.2f} "
-              f"{r['lowmem_gib_per_10k_atoms']:>15.2f} "
-              f"{r.get('fp32_force_rel_err', float('nan')):>9.1e} {r.get('tf32_force_rel_err', float('nan')):>9.1e} "
-              f"{r.get('lowmem_force_rel_err', float('nan')):>10.1e}")
+    print_transip_table(rows)
     return {"rows": rows}
+
+
+def print_transip_table(rows: List[Dict]) -> None:
+    nan = float("nan")
+    print(f"{'atoms':>7} {'fp32 ms':>8} {'tf32 ms':>8} {'lowmem ms':>9} {'graph ms':>9} {'nbr ms':>7} "
+          f"{'peak GiB':>9} {'GiB/10k':>8} {'lowmem GiB/10k':>15} {'graph GiB':>10} {'fp32 err':>9} "
+          f"{'tf32 err':>9} {'lowmem err':>10} {'graph err':>10}")
+    for r in rows:
+        print(f"{r['atoms']:>7} {r.get('fp32_ms', nan):>8.2f} {r.get('tf32_ms', nan):>8.2f} "
+              f"{r.get('lowmem_ms', nan):>9.2f} {r.get('graph_ms', nan):>9.2f} "
+              f"{r['neighbor_list_ms']:>7.2f} {r.get('fp32_peak_gib', nan):>9.2f} "
+              f"{r.get('fp32_gib_per_10k_atoms', nan):>8.2f} "
+              f"{r.get('lowmem_gib_per_10k_atoms', nan):>15.2f} {r.get('graph_peak_gib', nan):>10.2f} "
+              f"{r.get('fp32_force_rel_err', nan):>9.1e} {r.get('tf32_force_rel_err', nan):>9.1e} "
+              f"{r.get('lowmem_force_rel_err', nan):>10.1e} {r.get('graph_force_rel_err', nan):>10.1e}")
+    for r in rows:
+        plan = r.get("graph_plan")
+        if plan:
+            print(f"{r['atoms']:>7} graph plan: {plan['search']}, neighbour capacity "
+                  f"{plan['neighbor_capacity']}, cell capacity {plan['cell_capacity']}, grid {plan['grid']}")
+        if r.get("graph_error"):
+            print(f"{r['atoms']:>7} graph_error: {r['graph_error']}")
 
 
 def _largest_that_fits(model, device, start: int):
@@ -309,18 +442,55 @@ def bench_mace(args, device: torch.device) -> Dict:
 
 
 # ----------------------------------------------------------------------------- OpenMM
-def bench_openmm(args, files: Dict[str, Path], out: Path) -> Dict:
+#: gpu_bench's openmm part with a random-weight model (no --model): a near-zero timestep and no
+#: relaxation keep the atoms at the lattice (at 0.5 fs they meet within a few hundred steps).
+RANDOM_MODEL_TIMESTEP_FS = 1e-3
+
+
+def openmm_command(args, files: Dict[str, Path], out: Path) -> List[str]:
+    """The ``openmm_gpu.py`` command line of the openmm part."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "openmm_gpu.py"), "--model", str(files["float32"]),
            "--sizes", *[str(n // WATER_ATOMS) for n in args.openmm_sizes], "--json", str(out / "openmm.json")]
     if args.nvrtc_stub:
         cmd += ["--nvrtc-stub", args.nvrtc_stub]
     if args.graph_warmup is not None:
         cmd += ["--graph-warmup", str(args.graph_warmup)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.openmm_timeout)
+    if not args.model:  # random weights: cost per step only (see RANDOM_MODEL_TIMESTEP_FS)
+        cmd += ["--no-relax", "--timestep-fs", str(RANDOM_MODEL_TIMESTEP_FS),
+                "--ns-per-day-timestep-fs", "0.5"]
+    return cmd
+
+
+def bench_openmm(args, files: Dict[str, Path], out: Path) -> Dict:
+    cmd = openmm_command(args, files, out)
+    result_file = out / "openmm.json"
+    if result_file.exists():
+        result_file.unlink()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.openmm_timeout)
+    except subprocess.TimeoutExpired as exc:
+        tail = lambda b: (b.decode(errors="replace") if isinstance(b, bytes) else (b or ""))[-2000:]  # noqa: E731
+        print(tail(exc.stdout), tail(exc.stderr), flush=True)
+        result = json.loads(result_file.read_text()) if result_file.exists() else {}
+        result["error"] = f"openmm_gpu.py ran past --openmm-timeout {args.openmm_timeout} s"
+        result["stderr"] = tail(exc.stderr)
+        return _openmm_note(args, result)
     print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
     if proc.returncode != 0:
-        return {"error": f"openmm_gpu.py exited {proc.returncode}", "stderr": proc.stderr[-2000:]}
-    return json.loads((out / "openmm.json").read_text())
+        result = json.loads(result_file.read_text()) if result_file.exists() else {}
+        result.update(error=f"openmm_gpu.py exited {proc.returncode}", stderr=proc.stderr[-2000:])
+        return _openmm_note(args, result)
+    return _openmm_note(args, json.loads(result_file.read_text()))
+
+
+def _openmm_note(args, result: Dict) -> Dict:
+    if not args.model:
+        result.setdefault("timestep_fs", RANDOM_MODEL_TIMESTEP_FS)
+        result["note"] = (f"random-weight model: timed from the lattice (no relaxation) with a "
+                          f"near-zero {RANDOM_MODEL_TIMESTEP_FS:g} fs step so that no two atoms meet; "
+                          "the cost per step does not depend on the step (both TransIP paths "
+                          "search neighbours every step); ns/day quoted for 0.5 fs")
+    return result
 
 
 # ----------------------------------------------------------------------------- LAMMPS
@@ -373,21 +543,45 @@ def bench_lammps(args, files: Dict[str, Path], out: Path) -> Dict:
 
 # ----------------------------------------------------------------------------- main
 def summary(results: Dict) -> None:
+    """TransIP (best of fp32/tf32 eager, and the CUDA-graph replay) against MACE, per box."""
+    nan = float("nan")
+
+    def ratio(a, b):
+        return a / b if a is not None and b else nan
+
     t = {r["atoms"]: r for r in results.get("transip", {}).get("rows", [])}
     m = {r["atoms"]: r for r in results.get("mace", {}).get("rows", [])}
-    print(f"\n{'atoms':>7} {'TransIP ms':>11} {'MACE ms':>8} {'MACE cueq ms':>13} {'x plain':>8} {'x cueq':>7}")
+    fused = {r["atoms"]: r for r in results.get("transip-fused", {}).get("rows", [])}
+    print(f"\n{'atoms':>7} {'TransIP ms':>11} {'graph ms':>9} {'MACE ms':>8} {'MACE cueq ms':>13} "
+          f"{'x plain':>8} {'x cueq':>7} {'x cueq graph':>13}")
     for n, r in t.items():
-        ms = min(r["fp32_ms"], r["tf32_ms"])
+        ms = min((r[k] for k in ("fp32_ms", "tf32_ms") if r.get(k)), default=nan)
+        graph = r.get("graph_ms")
         mr = m.get(n, {})
         plain, cueq = mr.get("plain_ms"), mr.get("cueq_ms")
-        print(f"{n:>7} {ms:>11.2f} {plain or float('nan'):>8.2f} {cueq or float('nan'):>13.2f} "
-              f"{(plain or float('nan')) / ms:>8.2f} {(cueq or float('nan')) / ms:>7.2f}")
-    fused = {r["atoms"]: r for r in results.get("transip-fused", {}).get("rows", [])}
+        print(f"{n:>7} {ms:>11.2f} {graph or nan:>9.2f} {plain or nan:>8.2f} {cueq or nan:>13.2f} "
+              f"{ratio(plain, ms):>8.2f} {ratio(cueq, ms):>7.2f} {ratio(cueq, graph):>13.2f}")
     if fused:
-        print(f"\n{'atoms':>7} {'reference fp32 ms':>18} {'fused fp32 ms':>14} {'speed-up':>9}")
+        print(f"\n{'atoms':>7} {'reference fp32 ms':>18} {'fused fp32 ms':>14} {'speed-up':>9} "
+              f"{'reference graph ms':>19} {'fused graph ms':>15} {'speed-up':>9}")
         for n, r in fused.items():
-            ref = t.get(n, {}).get("fp32_ms", float("nan"))
-            print(f"{n:>7} {ref:>18.2f} {r['fp32_ms']:>14.2f} {ref / r['fp32_ms']:>9.2f}")
+            ref = t.get(n, {})
+            print(f"{n:>7} {ref.get('fp32_ms', nan):>18.2f} {r.get('fp32_ms', nan):>14.2f} "
+                  f"{ratio(ref.get('fp32_ms'), r.get('fp32_ms')):>9.2f} {ref.get('graph_ms') or nan:>19.2f} "
+                  f"{r.get('graph_ms') or nan:>15.2f} {ratio(ref.get('graph_ms'), r.get('graph_ms')):>9.2f}")
+    sizes = sorted(set(t) | set(fused))
+    if sizes:  # the CUDA-graph replays against MACE with cuEquivariance kernels
+        print(f"\n{'atoms':>7} {'graph ms':>9} {'fused graph ms':>15} {'MACE cueq ms':>13} "
+              f"{'cueq / graph':>13} {'cueq / fused graph':>19}")
+        for n in sizes:
+            graph, fgraph = t.get(n, {}).get("graph_ms"), fused.get(n, {}).get("graph_ms")
+            cueq = m.get(n, {}).get("cueq_ms")
+            print(f"{n:>7} {graph or nan:>9.2f} {fgraph or nan:>15.2f} {cueq or nan:>13.2f} "
+                  f"{ratio(cueq, graph):>13.2f} {ratio(cueq, fgraph):>19.2f}")
+            best = min((v for v in (graph, fgraph) if v), default=None)
+            if best and cueq:
+                print(f"{'':>7} {n} atoms: TransIP CUDA graph {best:.2f} ms vs MACE cuEq {cueq:.2f} ms "
+                      f"(MACE cuEq / TransIP graph = {cueq / best:.2f})")
 
 
 def main() -> None:
@@ -401,12 +595,18 @@ def main() -> None:
     p.add_argument("--model-fused", default=None, help="with --model and --kernels ...fused: the "
                    "fused float32 export of the same model")
     p.add_argument("--sizes", type=int, nargs="+", default=[1536, 6144, 24576])
+    p.add_argument("--variants", default="fp32,tf32,lowmem,graph",
+                   help="comma list of the transip part's variants (fp32, tf32, lowmem, graph)")
     p.add_argument("--largest", action="store_true", help="also the largest box that fits (doubling)")
     p.add_argument("--accuracy-max-atoms", type=int, default=6144)
     p.add_argument("--openmm-sizes", type=int, nargs="+", default=[1536, 6144])
     p.add_argument("--openmm-timeout", type=int, default=300)
+    p.add_argument("--openmm-kernels", default=None,
+                   help="the --kernels entries the openmm part runs for (default: all of them)")
     p.add_argument("--nvrtc-stub", default=None, help="preload this libnvrtc.so.12 (test machines)")
     p.add_argument("--graph-warmup", type=int, default=3, help="OpenMM-Torch CUDAGraphWarmupSteps")
+    p.add_argument("--graph-capture-warmup", type=int, default=5,
+                   help="transip part, graph variant: eager calls before the CUDA graph is captured")
     p.add_argument("--lmp", default=None, help="LAMMPS executable (lammps part)")
     p.add_argument("--plugin", default=None, help="transipplugin.so (lammps part)")
     p.add_argument("--lammps-sizes", type=int, nargs="+", default=[1536, 6144])
@@ -414,6 +614,8 @@ def main() -> None:
     p.add_argument("--lammps-timeout", type=int, default=300)
     p.add_argument("--out", default="runs/gpu_bench")
     args = p.parse_args()
+    args.variants = args.variants.split(",")
+    args.openmm_kernels = (args.openmm_kernels or args.kernels).split(",")
     if not torch.cuda.is_available():
         sys.exit("gpu_bench.py needs a CUDA GPU")
     device = torch.device("cuda")
@@ -443,7 +645,8 @@ def main() -> None:
             kout = out if kernel == "reference" else out / kernel
             jobs += [("transip", suffix, lambda f=kfiles: bench_transip(args, f, device)),
                      ("profile", suffix, lambda f=kfiles: profile_transip(args, f, device)),
-                     ("openmm", suffix, lambda f=kfiles, o=kout: bench_openmm(args, f, o)),
+                     ("openmm" if kernel in args.openmm_kernels else "openmm-skipped", suffix,
+                      lambda f=kfiles, o=kout: bench_openmm(args, f, o)),
                      ("lammps", suffix, lambda f=kfiles, o=kout: bench_lammps(args, f, o))]
         jobs.insert(2, ("mace", "", lambda: bench_mace(args, device)))
         for part, suffix, fn in jobs:

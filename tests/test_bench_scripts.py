@@ -1,0 +1,116 @@
+"""CPU-checkable pieces of the GPU benchmark scripts (benchmarks/gpu_bench.py, openmm_gpu.py).
+
+The benchmarks run once on a GPU machine with no chance to iterate there; what does not need a
+GPU is checked here: the static-shape energy + forces that the ``graph`` variant captures, the
+summary tables with missing or failed entries, and the openmm part's command line.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_bench  # noqa: E402
+from transip_md.export import load_exported  # noqa: E402
+from transip_md.model.static_shapes import plan_static_neighbors  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def water600():
+    return gpu_bench.box_tensors(600, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("search", ["planned", "cell list"])
+def test_static_energy_forces_match_compute(exported_tiny32, water600, search):
+    """energy_static + autograd (what the graph variant records) = compute()'s forces, for the
+    plan gpu_bench makes (all pairs at this size) and for a forced cell list."""
+    model = load_exported(exported_tiny32)
+    model.check_inputs = False
+    atoms, inputs = water600
+    if search == "planned":
+        plan = gpu_bench.static_plan(model, atoms)
+    else:
+        plan = plan_static_neighbors(len(atoms), float(model.cutoff), atoms.cell.array, True,
+                                     cell_capacity=60)
+        assert plan.uses_cell_list
+    record = gpu_bench.plan_record(plan)
+    assert record["search"] == ("cell list" if plan.uses_cell_list else "all pairs")
+    assert record["neighbor_capacity"] == plan.neighbor_capacity
+    reference = model.compute(*inputs, True, False)
+    energy, forces = gpu_bench.static_energy_forces(model, inputs, plan)
+    assert not inputs[0].requires_grad  # the caller's positions are left alone
+    assert forces.shape == reference["forces"].shape
+    scale = reference["forces"].abs().max()
+    assert float((forces - reference["forces"]).abs().max() / scale) < 1e-5
+    assert abs(float(energy) - float(reference["energy"])) <= 1e-5 * abs(float(reference["energy"]))
+
+
+def test_static_energy_forces_uses_a_static_buffer(exported_tiny32, water600):
+    """Positions that require grad (a CUDA graph's input buffer) are differentiated in place."""
+    model = load_exported(exported_tiny32)
+    atoms, inputs = water600
+    plan = gpu_bench.static_plan(model, atoms)
+    buffer = inputs[0].clone().requires_grad_(True)
+    _, forces = gpu_bench.static_energy_forces(model, (buffer,) + tuple(inputs[1:]), plan)
+    assert torch.isfinite(forces).all() and buffer.grad is None
+
+
+def test_capture_refuses_cpu_inputs(exported_tiny32, water600):
+    model = load_exported(exported_tiny32)
+    atoms, inputs = water600
+    with pytest.raises(RuntimeError, match="CUDA"):
+        gpu_bench.capture_static_graph(model, inputs, gpu_bench.static_plan(model, atoms))
+
+
+def test_tables_with_missing_and_failed_entries(capsys):
+    row = {"atoms": 1536, "fp32_ms": 10.0, "tf32_ms": 8.0, "lowmem_ms": 12.0, "neighbor_list_ms": 0.5,
+           "fp32_peak_gib": 1.0, "fp32_gib_per_10k_atoms": 6.5, "lowmem_gib_per_10k_atoms": 2.0,
+           "lowmem_peak_gib": 0.3}
+    graphed = dict(row, graph_ms=5.0, graph_peak_gib=0.8, graph_force_rel_err=1e-6,
+                   graph_plan={"search": "cell list", "neighbor_capacity": 79, "cell_capacity": 41,
+                               "grid": [5, 5, 5]})
+    failed = dict(row, atoms=6144, graph_error="RuntimeError: capture failed")
+    gpu_bench.print_transip_table([graphed, failed])
+    results = {"transip": {"rows": [graphed, failed]},
+               "transip-fused": {"rows": [dict(graphed, graph_ms=4.0), failed]},
+               "mace": {"rows": [{"atoms": 1536, "plain_ms": 40.0, "cueq_ms": 12.0},
+                                 {"atoms": 6144, "cueq_error": "x"}]}}
+    gpu_bench.summary(results)
+    gpu_bench.summary({"transip": {"error": "x"}, "mace": {"error": "y"}})
+    out = capsys.readouterr().out
+    assert "graph_error: RuntimeError: capture failed" in out
+    assert "MACE cuEq / TransIP graph = 3.00" in out  # 12 ms / the fused 4 ms
+
+
+def _args(**kw):
+    base = dict(model=None, openmm_sizes=[1536], nvrtc_stub=None, graph_warmup=3)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_openmm_command_random_model_barely_moves(tmp_path):
+    files = {"float32": tmp_path / "m.pt"}
+    cmd = gpu_bench.openmm_command(_args(), files, tmp_path)
+    assert "--no-relax" in cmd
+    assert cmd[cmd.index("--timestep-fs") + 1] == str(gpu_bench.RANDOM_MODEL_TIMESTEP_FS)
+    assert cmd[cmd.index("--sizes") + 1] == "512"
+    trained = gpu_bench.openmm_command(_args(model="trained.pt"), files, tmp_path)
+    assert "--no-relax" not in trained and "--timestep-fs" not in trained
+    note = gpu_bench._openmm_note(_args(), {})
+    assert note["timestep_fs"] == gpu_bench.RANDOM_MODEL_TIMESTEP_FS and "near-zero" in note["note"]
+
+
+def test_openmm_gpu_options(monkeypatch):
+    import openmm_gpu
+
+    monkeypatch.setattr(sys, "argv", ["openmm_gpu.py", "--no-relax", "--timestep-fs", "0.001"])
+    args = openmm_gpu.parse_args()
+    assert args.relax is False and args.timestep_fs == 0.001 and args.ns_per_day_timestep_fs is None
+    monkeypatch.setattr(sys, "argv", ["openmm_gpu.py"])
+    args = openmm_gpu.parse_args()
+    assert args.relax is True and args.timestep_fs == 0.5
