@@ -3,17 +3,22 @@
 # ~30 s between calls, so every step is one short command line here):
 #
 #   a: bash benchmarks/gpu_block.sh a $OUT   carry .device_carry/{wheels,mace_cueq_site.tar.xz,mace_wheels}
-#      wheels + stub, the operator library's CUDA tests, the GPU tests, ops_bench, and
-#      gpu_bench (TransIP reference vs fused, MACE plain vs cuEquivariance, OpenMM) in one run.
-#   b: bash benchmarks/gpu_block.sh b $OUT   carry .device_carry/{lammps-cp312.tar.xz,study_data,mace_wheels}
-#      LAMMPS unpacked + plugin built (long_runs.sh launch), LAMMPS device cuda reference vs
-#      fused, then the detached long runs (NVE, soak) and the equivariance study.
-#   c: bash benchmarks/gpu_block.sh c $OUT   collect the long runs and the study.
+#      wheels + stub, the operator library's CUDA tests, ops_bench, and gpu_bench (TransIP
+#      reference vs fused, eager and CUDA graph, 1.5k-98k atoms; MACE plain vs cuEquivariance;
+#      OpenMM with the fused export) in one run.
+#   b: bash benchmarks/gpu_block.sh b $OUT   carry .device_carry/lammps-cp312.tar.xz (+ study_data,
+#      mace_wheels for GPU_BLOCK_STUDY / GPU_BLOCK_TRAIN): LAMMPS unpacked + plugin built
+#      (long_runs.sh launch; the wheels of step a are still installed on the warm machine), the
+#      LAMMPS reference-vs-fused bench (LONGRUN_BEFORE_START="" skips it), then the detached
+#      long runs (NVE, soak).
+#   c: bash benchmarks/gpu_block.sh c $OUT   collect the long runs (and the study).
 #
 # Seen 2026-12-01: 12 MD runs + 20 parallel study trainings on the one H200 slowed OpenMM with
 # CUDA graphs at 192 atoms from ~640 to ~30 steps/s and LAMMPS device cuda to ~16 ts/s: the long
 # runs then reach a few ps only. Give the long runs and the study separate blocks
-# (GPU_BLOCK_STUDY=0 leaves the study out of step b) when time allows.
+# (GPU_BLOCK_STUDY=1 adds the study to step b; GPU_BLOCK_TRAIN=1 the training-throughput
+# measurement before the runs start). The long runs share the GPU through MPS where the machine
+# has it (long_runs.sh, LONGRUN_MPS).
 #
 # .device_carry/ is ignored: benchmarks/pack_gpu_carry.sh makes the LAMMPS archive; the MACE +
 # cuEquivariance tree is the unpacked wheels (mace-torch 0.3.16, cuequivariance{,-torch,-ops-cu13,
@@ -28,33 +33,49 @@ mkdir -p "$OUT"
 step_a() {
     bash benchmarks/gpu_session.sh "$OUT" none 2>&1 | tail -3
     export LD_PRELOAD=/tmp/libnvrtc.so.12
+    log "operator library (built while the MACE trees unpack)"
+    ( python3 -m transip_md.ops build > "$OUT/ops_build.log" 2>&1; echo $? > "$OUT/ops_build.rc" ) &
     mkdir -p /tmp/cueq_site && tar xJf .device_carry/mace_cueq_site.tar.xz -C /tmp/cueq_site
     python3 -m pip install -q --no-index --no-deps --target /tmp/mace_site .device_carry/mace_wheels/*.whl 2>&1 | tail -1
-    log "operator library"
-    python3 -m transip_md.ops build 2>&1 | tail -3
-    log "op tests (CUDA included); the bad-input ones each in their own process"
-    { timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k "not bad and not nvrtc" 2>&1 | tail -4
-      for k in bad_dtype bad_shape bad_index bad_device nvrtc; do
-          echo "-- $k"; timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k $k 2>&1 | grep -v "^  File" | tail -5
+    gcc -shared -fPIC -O0 -g benchmarks/segv_backtrace.c -o /tmp/segv_backtrace.so -ldl
+    wait_for_file "$OUT/ops_build.rc" 200; tail -3 "$OUT/ops_build.log"
+    log "op tests (CUDA); the formerly crashing bad-input ones in their own processes, with a native backtrace on a crash"
+    { timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k "not bad and not nvrtc" 2>&1 | tail -4
+      for k in bad_shape bad_index nvrtc; do
+          echo "-- $k"; LD_PRELOAD="/tmp/libnvrtc.so.12 /tmp/segv_backtrace.so" timeout 60 \
+              python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k $k 2>&1 | grep -v "^  File\|^Extension" | tail -40
       done
-      timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -4
+      echo "-- MPS: $(command -v nvidia-cuda-mps-control || echo none)"
     } 2>&1 | tee "$OUT/gpu_tests.txt"
     log "ops_bench"
-    timeout 75 python3 benchmarks/ops_bench.py --json "$OUT/ops_bench_h200.json" 2>&1 | tail -14
-    log "gpu_bench: TransIP reference vs fused, MACE plain vs cuEquivariance, OpenMM"
-    PYTHONPATH=/tmp/cueq_site:/tmp/mace_site timeout 330 python3 benchmarks/gpu_bench.py \
-        --parts transip,mace,openmm --kernels reference,fused --sizes 1536 6144 24576 \
-        --openmm-sizes 1536 24576 --openmm-timeout 100 --out "$OUT/bench" 2>&1 | grep -v "^{" | tail -40
+    timeout 60 python3 benchmarks/ops_bench.py --json "$OUT/ops_bench_h200.json" 2>&1 | tail -16
+    log "gpu_bench: TransIP reference vs fused (eager fp32, CUDA graph), MACE plain vs cuEquivariance, OpenMM (fused)"
+    PYTHONPATH=/tmp/cueq_site:/tmp/mace_site timeout ${GPU_BENCH_TIMEOUT:-330} python3 benchmarks/gpu_bench.py \
+        --parts transip,profile,mace,openmm --kernels reference,fused --openmm-kernels fused \
+        --variants fp32,graph --sizes 1536 6144 24576 98304 \
+        --openmm-sizes 1536 24576 --openmm-timeout 120 --out "$OUT/bench" 2>&1 | grep -v "^{" | tail -60
     cp "$OUT/bench/gpu_bench.json" "$OUT/gpu_bench_h200.json" 2>/dev/null
     rm -rf "$OUT/bench"
     log "done a"
 }
 
+wait_for_file() {  # FILE SECONDS
+    local t=0; while [[ ! -f $1 ]] && (( t < $2 )); do sleep 2; t=$((t + 2)); done
+}
+
 step_b() {
     export LD_PRELOAD=/tmp/libnvrtc.so.12
-    LONGRUN_BUDGET_S=${LONGRUN_BUDGET_S:-600} LONGRUN_BEFORE_START="bash benchmarks/gpu_block.sh b-clean $OUT" \
+    # issue #18's required runs: 192 atoms in every engine and dtype, and the two soaks (the
+    # optional 1,536-atom NVE would only slow the others down)
+    local runs="" dt
+    for dt in float64 float32; do
+        runs+=" nve-openmm-graphs-$dt-192 nve-openmm-nographs-$dt-192 nve-lammps-cuda-$dt-192 nve-ase-cuda-$dt-192"
+    done
+    export LONGRUN_RUNS=${LONGRUN_RUNS:-"$runs soak-openmm-graphs-1536 soak-lammps-cuda-1536"}
+    LONGRUN_BUDGET_S=${LONGRUN_BUDGET_S:-600} \
+        LONGRUN_BEFORE_START=${LONGRUN_BEFORE_START-"bash benchmarks/gpu_block.sh b-clean $OUT"} \
         bash benchmarks/long_runs.sh launch "$OUT" 2>&1 | tail -40
-    if [[ -f benchmarks/study_gpu.sh && ${GPU_BLOCK_STUDY:-1} == 1 ]]; then
+    if [[ -f benchmarks/study_gpu.sh && ${GPU_BLOCK_STUDY:-0} == 1 ]]; then
         log "equivariance study (detached)"
         STUDY_SECONDS=${STUDY_SECONDS:-560} STUDY_RUN_SECONDS=${STUDY_RUN_SECONDS:-240} \
             bash benchmarks/study_gpu.sh launch "$OUT" 2>&1 | tail -10
@@ -63,11 +84,21 @@ step_b() {
 }
 
 step_b_clean() {  # called by long_runs.sh after its setup, before the long runs share the GPU
-    log "training throughput, TransIP-S (trainer steps, atoms/s)"
-    python3 -m pip install -q --no-index --no-deps --target /tmp/study_site .device_carry/mace_wheels/*.whl 2>&1 | tail -1
-    PYTHONPATH=/tmp/study_site:$ROOT timeout 100 python3 benchmarks/profile_training_step.py \
-        --data .device_carry/study_data/train_chunk0.extxyz --size s --batch-atoms 4096 --steps 6 \
-        --trainer-steps 40 --device cuda --json "$OUT/train_speed_s_h200.json" 2>&1 | tail -3
+    if [[ ${GPU_BLOCK_TRAIN:-0} == 1 ]]; then
+        log "training throughput, TransIP-S (trainer steps, atoms/s)"
+        python3 -m pip install -q --no-index --no-deps --target /tmp/study_site .device_carry/mace_wheels/*.whl 2>&1 | tail -1
+        PYTHONPATH=/tmp/study_site:$ROOT timeout 100 python3 benchmarks/profile_training_step.py \
+            --data .device_carry/study_data/train_chunk0.extxyz --size s --batch-atoms 4096 --steps 6 \
+            --trainer-steps 40 --device cuda --json "$OUT/train_speed_s_h200.json" 2>&1 | tail -3
+    fi
+    local models=${LONGRUN_DIR:-/tmp/longruns}/models
+    log "TF32 on a trained model: the shipped model's float32 export, fp32 vs tf32 force error against float64"
+    timeout 90 python3 benchmarks/gpu_bench.py --parts transip --model "$models/transip-demo-float32.pt" \
+        --model64 "$models/transip-demo-float64.pt" --variants fp32,tf32 --sizes 1536 6144 \
+        --out "$OUT/tbench" 2>&1 | grep -v "^{" | tail -8
+    cp "$OUT/tbench/gpu_bench.json" "$OUT/gpu_bench_tf32_trained_h200.json" 2>/dev/null
+    rm -rf "$OUT/tbench"
+    [[ ${GPU_BLOCK_LAMMPS_BENCH:-1} == 1 ]] || return 0
     local plugin; plugin=$(python3 -m transip_md.lammps build 2>/dev/null | tail -1)
     log "LAMMPS device cuda, reference vs fused (plugin $plugin)"
     timeout 200 python3 benchmarks/gpu_bench.py --parts lammps --kernels reference,fused \
@@ -78,8 +109,18 @@ step_b_clean() {  # called by long_runs.sh after its setup, before the long runs
 }
 
 step_c() {
-    LONGRUN_MAX_WAIT=${LONGRUN_MAX_WAIT:-560} bash benchmarks/long_runs.sh collect "$OUT" 2>&1 | tail -40
-    [[ -f benchmarks/study_gpu.sh ]] && bash benchmarks/study_gpu.sh collect "$OUT" 2>&1 | tail -30
+    # snapshots every GPU_BLOCK_COLLECT_EVERY s for GPU_BLOCK_COLLECT_FOR s in all (or until every
+    # run has ended): if the call is cut short, the last snapshot under $OUT still comes back
+    local every=${GPU_BLOCK_COLLECT_EVERY:-150} total=${GPU_BLOCK_COLLECT_FOR:-560} t0=$(date +%s)
+    while :; do
+        local left=$(( total - ($(date +%s) - t0) ))
+        (( left < 30 )) && break
+        LONGRUN_MAX_WAIT=$(( left < every ? left - 25 : every )) bash benchmarks/long_runs.sh collect "$OUT" 2>&1 | tail -30
+        grep -q "STILL RUNNING" "$OUT/status.txt" || break
+    done
+    if [[ ${GPU_BLOCK_STUDY:-0} == 1 && -f benchmarks/study_gpu.sh ]]; then
+        bash benchmarks/study_gpu.sh collect "$OUT" 2>&1 | tail -30
+    fi
     log "done c"
 }
 
