@@ -48,7 +48,7 @@ step_a() {
       echo "-- MPS: $(command -v nvidia-cuda-mps-control || echo none)"
     } 2>&1 | tee "$OUT/gpu_tests.txt"
     log "ops_bench"
-    timeout 60 python3 benchmarks/ops_bench.py --json "$OUT/ops_bench_h200.json" 2>&1 | tail -16
+    timeout 80 python3 benchmarks/ops_bench.py --json "$OUT/ops_bench_h200.json" 2>&1 | tail -16
     log "gpu_bench: TransIP reference vs fused (eager fp32, CUDA graph), MACE plain vs cuEquivariance, OpenMM (fused)"
     PYTHONPATH=/tmp/cueq_site:/tmp/mace_site timeout ${GPU_BENCH_TIMEOUT:-330} python3 benchmarks/gpu_bench.py \
         --parts transip,profile,mace,openmm --kernels reference,fused --openmm-kernels fused \
