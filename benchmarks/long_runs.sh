@@ -68,7 +68,14 @@ start_mps() {
     mps_env
     if nvidia-cuda-mps-control -d; then
         touch "$D/mps/started"
-        log "MPS daemon started (pipe $CUDA_MPS_PIPE_DIRECTORY)"
+        # a client that cannot reach the MPS server fails instead of falling back: try one first
+        if timeout 60 $PY -c "import torch; torch.ones(1, device='cuda').sum().item()" > "$D/mps/probe.log" 2>&1; then
+            log "MPS daemon started (pipe $CUDA_MPS_PIPE_DIRECTORY), a CUDA client ran through it"
+        else
+            log "MPS client probe failed ($(tail -1 "$D/mps/probe.log")): daemon stopped, the runs time-slice the GPU"
+            stop_mps
+            unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+        fi
     else
         log "MPS daemon did not start: the runs time-slice the GPU"
         unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
