@@ -131,14 +131,18 @@ class AttentionLayer(nn.Module):
         n_rows = nbr_index.shape[0]
         W, H, D, E = self.width, self.heads, self.head_dim, self.edge_width
         x = self.norm_attn(h)
-        w_q, w_k, w_v = self.qkv.weight.split([W, W, W], dim=0)
-        b_q, b_k, b_v = self.qkv.bias.split([W, W, W], dim=0)
-        w_ek, w_ev, w_eb = self.edge_proj.weight.split([W, W, H], dim=0)
-        b_ek, b_ev, b_eb = self.edge_proj.bias.split([W, W, H], dim=0)
+        w_k = self.qkv.weight[W:2 * W]
+        b_k = self.qkv.bias[W:2 * W]
+        w_ek, w_eb = self.edge_proj.weight[:W], self.edge_proj.weight[2 * W:]
+        b_ek, b_eb = self.edge_proj.bias[:W], self.edge_proj.bias[2 * W:]
         s_k, s_v = self.self_kv.chunk(2)
-        x_rows = x[:n_rows]
+        # Without ghost rows (every engine but a multi-rank LAMMPS halo) no slice: its backward
+        # would add a zero fill and a copy of [M, W] per use.
+        x_rows = x if n_rows == x.shape[0] else x[:n_rows]
         scale = 1.0 / math.sqrt(D)
-        q = (nn.functional.linear(x_rows, w_q, b_q) * scale).view(n_rows, H, D)
+        # q, the self key and the self value from one product with the qkv weights.
+        q, k_self, v_self = self.qkv(x_rows).split([W, W, W], dim=1)
+        q = (q * scale).view(n_rows, H, D)
 
         # Padded slots (index M) have envelope 0 and never contribute; here they read the row's
         # own token instead of a shared dummy row, so that the backward index_add spreads their
@@ -147,14 +151,15 @@ class AttentionLayer(nn.Module):
         own_row = torch.arange(n_rows, device=nbr_index.device).unsqueeze(1)
         gather_index = torch.where(nbr_index < h.shape[0], nbr_index, own_row)
 
-        # Logits q.k_ij with Wk and Wek folded into the query.
-        q_tok = torch.einsum("nhd,hdw->nhw", q, w_k.view(H, D, W))  # [R, H, W]
-        q_edge = torch.einsum("nhd,hde->nhe", q, w_ek.view(H, D, E))  # [R, H, E]
+        # Logits q.k_ij with Wk and Wek folded into the query: one batched product per head
+        # with [Wk_h | Wek_h], split into the token part [R, H, W] and the edge part [R, H, E].
+        w_fold = torch.cat([w_k.view(H, D, W), w_ek.view(H, D, E)], dim=2)  # [H, D, W + E]
+        q_fold = torch.bmm(q.transpose(0, 1), w_fold).transpose(0, 1)  # [R, H, W + E]
+        q_tok, q_edge = q_fold.split([W, E], dim=2)
         q_bias = (q * (b_k + b_ek).view(H, D)).sum(-1)  # [R, H]
         bias = nn.functional.linear(edge, w_eb, b_eb) + q_bias.unsqueeze(1)  # [R, K, H]
-        k_self = nn.functional.linear(x_rows, w_k, b_k + s_k).view(n_rows, H, D)
-        logit_self = (q * k_self).sum(-1)  # [R, H]
-        v_self = nn.functional.linear(x_rows, w_v, b_v + s_v).view(n_rows, H, D)
+        logit_self = (q * (k_self + s_k).view(n_rows, H, D)).sum(-1)  # [R, H]
+        v_self = (v_self + s_v).view(n_rows, H, D)
         return x, gather_index, q_tok, q_edge, bias, logit_self, v_self
 
     def _values(self, agg_tok: Tensor, agg_edge: Tensor, w_sum: Tensor, w_self: Tensor,
@@ -176,7 +181,8 @@ class AttentionLayer(nn.Module):
     def _finish(self, h: Tensor, mixed: Tensor) -> Tensor:
         """Output projection, residual and feed-forward block of the normalised ``mixed``."""
         n_rows = mixed.shape[0]
-        out = h[:n_rows] + self.out(mixed.reshape(n_rows, self.width))
+        h_rows = h if n_rows == h.shape[0] else h[:n_rows]
+        out = h_rows + self.out(mixed.reshape(n_rows, self.width))
         return out + self.ffn(self.norm_ffn(out))
 
 
