@@ -18,20 +18,17 @@ come from :func:`libtorch_flags`, the one recipe that ``export/check/build.py`` 
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
+
+from transip_md.native_build import BuildError, build_shared_object, content_key
 
 #: Bump when the build recipe below changes (invalidates every cached plugin).
 BUILDER_VERSION = 2
@@ -44,10 +41,6 @@ HEADERS = ("pair_transip.h", "transip_model.h")
 #: The model door alone: what a program that is not a LAMMPS plugin compiles with it.
 DOOR_SOURCES = ("transip_model.cpp",)
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-class BuildError(RuntimeError):
-    """The plugin could not be built; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -295,47 +288,8 @@ def _hashed_files(src: Path) -> List[Path]:
 
 
 def build_key(tc: Toolchain, src: Path) -> str:
-    h = hashlib.sha256()
-    h.update(f"builder {BUILDER_VERSION}\n".encode())
-    for path in _hashed_files(src):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(json.dumps(asdict(tc), sort_keys=True).encode())
-    h.update(json.dumps([_compile_flags(tc), _link_flags(tc)]).encode())
-    return h.hexdigest()[:16]
-
-
-def _error_excerpt(text: str, limit: int = 40) -> str:
-    lines = text.splitlines()
-    errors = [ln for ln in lines if "error" in ln.lower()]
-    chosen = errors[:limit] if errors else lines[-limit:]
-    return "\n".join(chosen)
-
-
-def _run(cmds: List[List[str]], log: List[str]) -> None:
-    """Run commands in parallel; raise BuildError with the compiler's text on failure."""
-    procs = [(cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True)) for cmd in cmds]
-    failed = []
-    for cmd, proc in procs:
-        out, _ = proc.communicate()
-        log.append("$ " + " ".join(cmd) + "\n" + out)
-        if proc.returncode != 0:
-            failed.append((cmd, proc.returncode, out))
-    if failed:
-        cmd, code, out = failed[0]
-        what = Path(cmd[-1]).name if "-c" in cmd else "linking"
-        raise BuildError(
-            f"building the LAMMPS plugin failed ({what}, exit status {code}):\n"
-            + _error_excerpt(out)
-            + "\ncommand: " + " ".join(cmd)
-        )
-
-
-def _locked_dir(path: Path):
-    path.mkdir(parents=True, exist_ok=True)
-    handle = open(path / ".lock", "w")
-    fcntl.flock(handle, fcntl.LOCK_EX)  # concurrent builders (pytest-xdist, MPI jobs) wait
-    return handle
+    return content_key(BUILDER_VERSION, _hashed_files(src), asdict(tc),
+                       [_compile_flags(tc), _link_flags(tc)])
 
 
 def build_plugin(force: bool = False, verbose: bool = False) -> Path:
@@ -343,38 +297,11 @@ def build_plugin(force: bool = False, verbose: bool = False) -> Path:
     src = plugin_sources()
     tc = toolchain()
     operator_library_flags(build=True)  # the library whose path the plugin compiles in
-    out_dir = cache_root() / "lammps" / build_key(tc, src)
-    target = out_dir / PLUGIN_FILENAME
-    lock = _locked_dir(out_dir)
-    try:
-        if target.exists() and not force:
-            return target
-        t0 = time.time()
-        if verbose:
-            print(f"building {target} from {src} ...", file=sys.stderr)
-        log: List[str] = []
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix="build-") as tmp:
-            objs = []
-            cmds = []
-            for path in source_files(src):
-                obj = Path(tmp) / (path.stem + ".o")
-                objs.append(str(obj))
-                cmds.append([tc.cxx, *_compile_flags(tc), "-c", "-o", str(obj), str(path)])
-            try:
-                _run(cmds, log)
-                tmp_so = Path(tmp) / PLUGIN_FILENAME
-                _run([[tc.cxx, "-o", str(tmp_so), *objs, *_link_flags(tc)]], log)
-            finally:
-                (out_dir / "build.log").write_text("\n".join(log))
-            os.replace(tmp_so, target)
-        info = {"toolchain": asdict(tc), "sources": str(src), "seconds": round(time.time() - t0, 1),
-                "builder_version": BUILDER_VERSION}
-        (out_dir / "build-info.json").write_text(json.dumps(info, indent=2))
-        if verbose:
-            print(f"built in {time.time() - t0:.0f} s", file=sys.stderr)
-        return target
-    finally:
-        lock.close()
+    target = cache_root() / "lammps" / build_key(tc, src) / PLUGIN_FILENAME
+    info = {"toolchain": asdict(tc), "sources": str(src), "builder_version": BUILDER_VERSION}
+    return build_shared_object(target, "the LAMMPS plugin", tc.cxx, source_files(src),
+                               lambda tmp: (_compile_flags(tc), _link_flags(tc)), info,
+                               force=force, verbose=verbose)
 
 
 def plugin_path(build: bool = True) -> Path:

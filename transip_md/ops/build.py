@@ -17,29 +17,16 @@ stable C shim, so the CUDA runtime headers, incomplete in the CUDA 12 wheels, ar
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
 import re
 import sys
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from transip_md.lammps.build import (
-    BuildError,
-    Libtorch,
-    _error_excerpt,
-    _find_cxx,
-    _locked_dir,
-    _run,
-    cache_root,
-    find_libtorch,
-    libtorch_flags,
-)
+from transip_md.lammps.build import Libtorch, _find_cxx, cache_root, find_libtorch, libtorch_flags
+from transip_md.native_build import BuildError, build_shared_object, content_key
 
 #: Bump when the recipe below changes (invalidates every cached build).
 BUILDER_VERSION = 1
@@ -203,13 +190,7 @@ def check_sources(tc: Toolchain) -> None:
 
 
 def build_key(tc: Toolchain) -> str:
-    h = hashlib.sha256()
-    h.update(f"builder {BUILDER_VERSION}\n".encode())
-    for path in _hashed_files():
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(json.dumps(asdict(tc), sort_keys=True).encode())
-    h.update(json.dumps(_flags(tc, "GEN")).encode())
-    return h.hexdigest()[:16]
+    return content_key(BUILDER_VERSION, _hashed_files(), asdict(tc), _flags(tc, "GEN"))
 
 
 def _write_kernel_header(gen_dir: Path) -> None:
@@ -233,48 +214,20 @@ def build_library(force: bool = False, verbose: bool = False) -> Path:
     """Build (or find in the cache) ``libtransip_ops.so`` and return its path."""
     tc = toolchain()
     check_sources(tc)
-    target = target_path(tc)
-    out_dir = target.parent
-    lock = _locked_dir(out_dir)
-    try:
-        if target.exists() and not force:
-            return target
-        t0 = time.time()
-        if verbose:
-            print(f"building {target} ...", file=sys.stderr)
-        log: List[str] = []
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix="build-") as tmp:
-            if _with_cuda(tc):
-                _write_kernel_header(Path(tmp))
-            cflags, lflags = _flags(tc, tmp)
-            objs, cmds = [], []
-            for name in _sources(tc):
-                obj = Path(tmp) / (Path(name).stem + ".o")
-                objs.append(str(obj))
-                cmds.append([tc.cxx, *cflags, "-c", "-o", str(obj), str(CSRC / name)])
-            tmp_so = Path(tmp) / LIBRARY_FILENAME
-            try:
-                try:
-                    _run(cmds, log)
-                    _run([[tc.cxx, "-o", str(tmp_so), *objs, *lflags]], log)
-                except BuildError as exc:
-                    raise BuildError(str(exc).replace("the LAMMPS plugin", "transip_ops")) from None
-            finally:
-                (out_dir / "build.log").write_text("\n".join(log))
-            os.replace(tmp_so, target)
-        info = {"toolchain": asdict(tc), "with_cuda": _with_cuda(tc),
-                "seconds": round(time.time() - t0, 1), "builder_version": BUILDER_VERSION}
-        tmp_info = out_dir / "build-info.json.tmp"
-        tmp_info.write_text(json.dumps(info, indent=2))
-        os.replace(tmp_info, out_dir / "build-info.json")
-        if verbose:
-            print(f"built in {time.time() - t0:.0f} s "
-                  f"({'with' if _with_cuda(tc) else 'without'} CUDA part"
-                  f"{'' if _with_cuda(tc) else ': ' + tc.cuda.reason})", file=sys.stderr)
-        return target
-    finally:
-        lock.close()
+
+    def flags(tmp: Path) -> Tuple[List[str], List[str]]:
+        if _with_cuda(tc):
+            _write_kernel_header(tmp)
+        return _flags(tc, str(tmp))
+
+    info = {"toolchain": asdict(tc), "with_cuda": _with_cuda(tc),
+            "builder_version": BUILDER_VERSION}
+    target = build_shared_object(target_path(tc), "transip_ops", tc.cxx,
+                                 [CSRC / name for name in _sources(tc)], flags, info,
+                                 force=force, verbose=verbose)
+    if verbose and not _with_cuda(tc):
+        print(f"(without the CUDA part: {tc.cuda.reason})", file=sys.stderr)
+    return target
 
 
-__all__ = ["BuildError", "build_library", "target_path", "toolchain", "find_cuda_headers",
-           "_error_excerpt"]
+__all__ = ["BuildError", "build_library", "target_path", "toolchain", "find_cuda_headers"]
