@@ -263,3 +263,49 @@ def test_low_memory_gradients_equal_the_plain_path(potential64, periodic):
     assert set(plain) == set(checkpointed)
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- cutoff envelope
+def _expanded_envelope(u, p):
+    """The envelope's polynomial as written in the literature, in exact rationals' float64."""
+    a, b, c = -(p + 1) * (p + 2) / 2, p * (p + 2), -p * (p + 1) / 2
+    return np.where(u < 1.0, 1.0 + a * u ** p + b * u ** (p + 1) + c * u ** (p + 2), 0.0)
+
+
+@pytest.mark.parametrize("exponent", [1, 3, 5, 6, 8])
+def test_envelope_is_the_smooth_cutoff_polynomial(exponent):
+    from transip_md.model.transformer import polynomial_envelope
+
+    u = np.linspace(0.0, 1.2, 2401)
+    got = polynomial_envelope(torch.tensor(u * 5.0, dtype=torch.float64), 5.0, exponent).numpy()
+    np.testing.assert_allclose(got, _expanded_envelope(u, exponent), rtol=0, atol=1e-13)
+    assert got[0] == 1.0 and np.all(got[u >= 1.0] == 0.0)
+    # value, first and second derivative vanish at the cutoff: env = C (1 - u)^3 + O((1-u)^4)
+    # with C = sum_{k<p} C(k+2, 2) = C(p+2, 3)
+    C, rc, eps = exponent * (exponent + 1) * (exponent + 2) / 6, 5.0, 1e-4
+    d = torch.tensor([rc * (1 - eps)], dtype=torch.float64, requires_grad=True)
+    env = polynomial_envelope(d, rc, exponent)
+    (g,) = torch.autograd.grad(env.sum(), d, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), d)
+    np.testing.assert_allclose([float(env), float(g), float(gg)],
+                               [C * eps ** 3, -3 * C * eps ** 2 / rc, 6 * C * eps / rc ** 2],
+                               rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_envelope_is_positive_up_to_the_cutoff(dtype):
+    """Inside the cutoff the envelope is > 0 down to the last representable distance: the
+    attention mask ``envelope > 0`` is exactly ``distance < cutoff``. The expanded polynomial
+    cancelled to noise of either sign there (float64: within ~1e-4 Å of a 5 Å cutoff), so the
+    mask flipped at random and forces jumped under 1e-15 Å moves (seen in LAMMPS vs ASE)."""
+    from transip_md.model.transformer import polynomial_envelope
+
+    eps = torch.finfo(dtype).eps
+    cutoff = 5.0
+    gaps = torch.logspace(0, -12, 200, dtype=torch.float64)  # Å inside the cutoff
+    d = (cutoff - gaps).to(dtype)
+    d = d[d < cutoff]
+    env = polynomial_envelope(d, cutoff, 6)
+    assert bool((env > 0).all()), d[env <= 0]
+    # and monotone: never larger closer to the cutoff (no noise floor)
+    assert bool((env[1:] <= env[:-1] * (1 + 8 * eps)).all())
