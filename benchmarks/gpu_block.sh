@@ -53,7 +53,7 @@ step_a() {
     PYTHONPATH=/tmp/cueq_site:/tmp/mace_site timeout ${GPU_BENCH_TIMEOUT:-330} python3 benchmarks/gpu_bench.py \
         --parts transip,profile,mace,openmm --kernels reference,fused --openmm-kernels fused \
         --variants fp32,graph --sizes 1536 6144 24576 98304 \
-        --openmm-sizes 1536 24576 --openmm-timeout 120 --out "$OUT/bench" 2>&1 | grep -v "^{" | tail -60
+        --openmm-sizes 1536 24576 --openmm-timeout ${GPU_BENCH_OPENMM_TIMEOUT:-240} --out "$OUT/bench" 2>&1 | grep -v "^{" | tail -60
     cp "$OUT/bench/gpu_bench.json" "$OUT/gpu_bench_h200.json" 2>/dev/null
     rm -rf "$OUT/bench"
     log "done a"
