@@ -25,6 +25,12 @@ derivatives with respect to every float input are implemented (C++ autograd func
 derivative raises "transip_ops.neighbor_attention has no double backward; training uses the
 reference path". On the CPU ``gather_index`` is range-checked; on a GPU an index outside
 ``[0, M)`` stops the kernel (a device-side trap, like torch's own index assertions).
+
+Two CUDA backward kernels exist: the default (``scalar``: one atomic add per column of the
+scattered token gradient) and ``vector`` (float4/float2 atomics and 16-byte loads, float32 on
+sm_90+), chosen by ``TRANSIP_OPS_BACKWARD`` or ``torch.ops.transip_ops.cuda_backward_variant``.
+Both are tested against the reference; on an H200 the vector one was slower (11.1 vs 9.2 ms per
+forward+backward at 24,576 rows: its registers halve the blocks per SM).
 """
 
 from __future__ import annotations
