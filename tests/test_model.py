@@ -287,7 +287,7 @@ def test_envelope_is_the_smooth_cutoff_polynomial(exponent):
     env = polynomial_envelope(d, rc, exponent)
     (g,) = torch.autograd.grad(env.sum(), d, create_graph=True)
     (gg,) = torch.autograd.grad(g.sum(), d)
-    np.testing.assert_allclose([float(env), float(g), float(gg)],
+    np.testing.assert_allclose([env.item(), g.item(), gg.item()],
                                [C * eps ** 3, -3 * C * eps ** 2 / rc, 6 * C * eps / rc ** 2],
                                rtol=1e-2)
 
