@@ -35,9 +35,10 @@ Parts (``--parts``, comma list; a part whose packages are missing is reported an
   ``pair_style transip device cuda``, one rank; needs ``--lmp`` (the LAMMPS executable) and
   ``--plugin`` (``python -m transip_md.lammps build`` prints it).
 
-``--kernels reference,fused`` runs the TransIP parts (transip, profile, openmm, lammps) once per
-export kind: ``reference`` (pure TorchScript) and ``fused`` (the transip_ops operator, issue
-#16; results under ``<part>-fused``; its force errors are against the float64 *reference*).
+``--kernels reference,fused,fused-qkv`` runs the TransIP parts (transip, profile, openmm, lammps)
+once per export kind: ``reference`` (pure TorchScript), ``fused`` (the folded-query transip_ops
+operator) and ``fused-qkv`` (its per-token key/value operator), issue #16; results under
+``<part>-<kind>``; their force errors are against the float64 *reference*.
 With ``--model``, give the fused float32 file as ``--model-fused``.
 
 Prints one table per part and writes ``OUT/gpu_bench.json``.
@@ -110,8 +111,12 @@ def box_tensors(n_atoms: int, device: torch.device, dtype: torch.dtype):
     )
 
 
-def random_model_files(size: str, directory: Path, fused: bool = False) -> Dict[str, Path]:
-    """float32 / float64 reference exports, and with ``fused`` a float32 ``fused-float32``."""
+def random_model_files(size: str, directory: Path, fused=()) -> Dict[str, Path]:
+    """float32 / float64 reference exports, and ``<kernel>-float32`` for each fused kernel kind
+    in ``fused`` (``fused``, ``fused-qkv``; ``True`` means ``("fused",)``)."""
+    from transip_md.export.checkpoint_export import FUSED_KERNELS
+
+    fused = ("fused",) if fused is True else tuple(fused or ())
     torch.manual_seed(0)
     potential = TransIPPotential(named_config(size))
     potential.supported_elements[[1, 6, 7, 8]] = True
@@ -120,11 +125,14 @@ def random_model_files(size: str, directory: Path, fused: bool = False) -> Dict[
     for dtype in ("float32", "float64"):
         out[dtype] = directory / f"transip-{size}-{dtype}.pt"
         export_potential(potential, out[dtype], dtype=dtype)
-    if fused:
+    for kernel in fused:
+        import copy
+
         from transip_md.model.fused_attention import use_fused_attention
 
-        out["fused-float32"] = directory / f"transip-{size}-fused-float32.pt"
-        export_potential(use_fused_attention(potential), out["fused-float32"], dtype="float32")
+        out[f"{kernel}-float32"] = directory / f"transip-{size}-{kernel}-float32.pt"
+        switched = use_fused_attention(copy.deepcopy(potential), form=FUSED_KERNELS[kernel])
+        export_potential(switched, out[f"{kernel}-float32"], dtype="float32")
     return out
 
 
@@ -551,7 +559,8 @@ def summary(results: Dict) -> None:
 
     t = {r["atoms"]: r for r in results.get("transip", {}).get("rows", [])}
     m = {r["atoms"]: r for r in results.get("mace", {}).get("rows", [])}
-    fused = {r["atoms"]: r for r in results.get("transip-fused", {}).get("rows", [])}
+    fused_kinds = {k[len("transip-"):]: {r["atoms"]: r for r in v.get("rows", [])}
+                   for k, v in results.items() if k.startswith("transip-") and isinstance(v, dict)}
     print(f"\n{'atoms':>7} {'TransIP ms':>11} {'graph ms':>9} {'MACE ms':>8} {'MACE cueq ms':>13} "
           f"{'x plain':>8} {'x cueq':>7} {'x cueq graph':>13}")
     for n, r in t.items():
@@ -561,22 +570,24 @@ def summary(results: Dict) -> None:
         plain, cueq = mr.get("plain_ms"), mr.get("cueq_ms")
         print(f"{n:>7} {ms:>11.2f} {graph or nan:>9.2f} {plain or nan:>8.2f} {cueq or nan:>13.2f} "
               f"{ratio(plain, ms):>8.2f} {ratio(cueq, ms):>7.2f} {ratio(cueq, graph):>13.2f}")
-    if fused:
-        print(f"\n{'atoms':>7} {'reference fp32 ms':>18} {'fused fp32 ms':>14} {'speed-up':>9} "
-              f"{'reference graph ms':>19} {'fused graph ms':>15} {'speed-up':>9}")
-        for n, r in fused.items():
+    for kind, rows in fused_kinds.items():
+        print(f"\n{'atoms':>7} {'reference fp32 ms':>18} {kind + ' fp32 ms':>18} {'speed-up':>9} "
+              f"{'reference graph ms':>19} {kind + ' graph ms':>19} {'speed-up':>9}")
+        for n, r in rows.items():
             ref = t.get(n, {})
-            print(f"{n:>7} {ref.get('fp32_ms', nan):>18.2f} {r.get('fp32_ms', nan):>14.2f} "
+            print(f"{n:>7} {ref.get('fp32_ms', nan):>18.2f} {r.get('fp32_ms', nan):>18.2f} "
                   f"{ratio(ref.get('fp32_ms'), r.get('fp32_ms')):>9.2f} {ref.get('graph_ms') or nan:>19.2f} "
-                  f"{r.get('graph_ms') or nan:>15.2f} {ratio(ref.get('graph_ms'), r.get('graph_ms')):>9.2f}")
-    sizes = sorted(set(t) | set(fused))
+                  f"{r.get('graph_ms') or nan:>19.2f} {ratio(ref.get('graph_ms'), r.get('graph_ms')):>9.2f}")
+    sizes = sorted(set(t).union(*[set(rows) for rows in fused_kinds.values()]))
     if sizes:  # the CUDA-graph replays against MACE with cuEquivariance kernels
-        print(f"\n{'atoms':>7} {'graph ms':>9} {'fused graph ms':>15} {'MACE cueq ms':>13} "
+        print(f"\n{'atoms':>7} {'graph ms':>9} {'best fused graph ms':>20} {'MACE cueq ms':>13} "
               f"{'cueq / graph':>13} {'cueq / fused graph':>19}")
         for n in sizes:
-            graph, fgraph = t.get(n, {}).get("graph_ms"), fused.get(n, {}).get("graph_ms")
+            graph = t.get(n, {}).get("graph_ms")
+            fgraph = min((rows[n]["graph_ms"] for rows in fused_kinds.values()
+                          if rows.get(n, {}).get("graph_ms")), default=None)
             cueq = m.get(n, {}).get("cueq_ms")
-            print(f"{n:>7} {graph or nan:>9.2f} {fgraph or nan:>15.2f} {cueq or nan:>13.2f} "
+            print(f"{n:>7} {graph or nan:>9.2f} {fgraph or nan:>20.2f} {cueq or nan:>13.2f} "
                   f"{ratio(cueq, graph):>13.2f} {ratio(cueq, fgraph):>19.2f}")
             best = min((v for v in (graph, fgraph) if v), default=None)
             if best and cueq:
@@ -591,7 +602,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="an exported float32 file instead (float64 sibling for errors: --model64)")
     p.add_argument("--model64", default=None)
     p.add_argument("--kernels", default="reference",
-                   help="comma list of reference, fused: which exports the TransIP parts time")
+                   help="comma list of reference, fused, fused-qkv: which exports the TransIP parts time")
     p.add_argument("--model-fused", default=None, help="with --model and --kernels ...fused: the "
                    "fused float32 export of the same model")
     p.add_argument("--sizes", type=int, nargs="+", default=[1536, 6144, 24576])
@@ -630,14 +641,15 @@ def main() -> None:
             if args.model_fused:
                 files["fused-float32"] = Path(args.model_fused)
         else:
-            files = random_model_files(args.size, Path(tmp), fused="fused" in kernels)
+            files = random_model_files(args.size, Path(tmp),
+                                       fused=[k for k in kernels if k != "reference"])
         jobs = []
         for kernel in kernels:
             if kernel == "reference":
                 kfiles, suffix = files, ""
-            elif kernel == "fused" and "fused-float32" in files:
-                kfiles = {"float32": files["fused-float32"], "float64": files["float64"]}
-                suffix = "-fused"
+            elif f"{kernel}-float32" in files:  # fused, fused-qkv
+                kfiles = {"float32": files[f"{kernel}-float32"], "float64": files["float64"]}
+                suffix = f"-{kernel}"
                 (out / kernel).mkdir(exist_ok=True)  # its openmm.json, LAMMPS decks
             else:
                 results[f"kernels-{kernel}"] = {"error": f"no {kernel} export (see --kernels)"}

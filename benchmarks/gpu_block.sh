@@ -3,9 +3,10 @@
 # ~30 s between calls, so every step is one short command line here):
 #
 #   a: bash benchmarks/gpu_block.sh a $OUT   carry .device_carry/{wheels,mace_cueq_site.tar.xz,mace_wheels}
-#      wheels + stub, the operator library's CUDA tests, ops_bench, and gpu_bench (TransIP
-#      reference vs fused, eager and CUDA graph, 1.5k-98k atoms; MACE plain vs cuEquivariance;
-#      OpenMM with the fused export) in one run.
+#      wheels + stub, the operator library's CUDA tests (both operators), ops_bench, and gpu_bench
+#      (TransIP reference vs fused vs fused-qkv, eager and CUDA graph, 1.5k-98k atoms; MACE plain
+#      vs cuEquivariance; OpenMM with the fused-qkv export) in one run. If the qkv op tests fail
+#      on the GPU, rerun with GPU_BENCH_KERNELS=reference,fused GPU_BENCH_OPENMM_KERNELS=fused.
 #   b: bash benchmarks/gpu_block.sh b $OUT   carry .device_carry/lammps-cp312.tar.xz (+ study_data,
 #      mace_wheels for GPU_BLOCK_STUDY / GPU_BLOCK_TRAIN): LAMMPS unpacked + plugin built
 #      (long_runs.sh launch; the wheels of step a are still installed on the warm machine), the
@@ -41,6 +42,9 @@ step_a() {
     wait_for_file "$OUT/ops_build.rc" 200; tail -3 "$OUT/ops_build.log"
     log "op tests (CUDA); the formerly crashing bad-input ones in their own processes, with a native backtrace on a crash"
     { timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k "not bad and not nvrtc" 2>&1 | tail -4
+      echo "-- neighbor_attention_qkv (CPU and CUDA vs reference, layer, graph capture)"
+      LD_PRELOAD="/tmp/libnvrtc.so.12 /tmp/segv_backtrace.so" timeout 150 \
+          python3 -m pytest -q -p no:cacheprovider tests/test_ops_qkv.py 2>&1 | grep -v "^  File" | tail -30
       for k in bad_shape bad_index nvrtc; do
           echo "-- $k"; LD_PRELOAD="/tmp/libnvrtc.so.12 /tmp/segv_backtrace.so" timeout 60 \
               python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k $k 2>&1 | grep -v "^  File\|^Extension" | tail -40
@@ -50,8 +54,9 @@ step_a() {
     log "ops_bench"
     timeout 80 python3 benchmarks/ops_bench.py --json "$OUT/ops_bench_h200.json" 2>&1 | tail -16
     log "gpu_bench: TransIP reference vs fused (eager fp32, CUDA graph), MACE plain vs cuEquivariance, OpenMM (fused)"
-    PYTHONPATH=/tmp/cueq_site:/tmp/mace_site timeout ${GPU_BENCH_TIMEOUT:-330} python3 benchmarks/gpu_bench.py \
-        --parts transip,profile,mace,openmm --kernels reference,fused --openmm-kernels fused \
+    PYTHONPATH=/tmp/cueq_site:/tmp/mace_site timeout ${GPU_BENCH_TIMEOUT:-420} python3 benchmarks/gpu_bench.py \
+        --parts transip,profile,mace,openmm --kernels ${GPU_BENCH_KERNELS:-reference,fused,fused-qkv} \
+        --openmm-kernels ${GPU_BENCH_OPENMM_KERNELS:-fused-qkv} \
         --variants fp32,graph --sizes 1536 6144 24576 98304 \
         --openmm-sizes 1536 24576 --openmm-timeout ${GPU_BENCH_OPENMM_TIMEOUT:-240} --out "$OUT/bench" 2>&1 | grep -v "^{" | tail -60
     cp "$OUT/bench/gpu_bench.json" "$OUT/gpu_bench_h200.json" 2>/dev/null

@@ -12,7 +12,9 @@ valid, the rest padding), forward alone and forward + backward (the gradient an 
               torch.ops.transip_ops.cuda_backward_variant (TRANSIP_OPS_BACKWARD sets the
               default, which the ``layer`` case uses);
 * ``layer`` : one whole AttentionLayer (reference) vs FusedAttentionLayer (the same parameters,
-              the op inside; transip_md/model/fused_attention.py), gradient w.r.t. h and edge.
+              the op inside; transip_md/model/fused_attention.py) and FusedQKVAttentionLayer
+              (``fused-qkv``: neighbor_attention_qkv, the per-token key/value form), gradient
+              w.r.t. h and edge.
 
 Each timing is the median of --repeat runs after --warmup runs (CUDA events on a GPU), with the
 peak memory allocated during one run. Before timing, the outputs and gradients are compared
@@ -144,7 +146,7 @@ def bench_op(args, timer, warmup, repeat):
 
 def bench_layer(R, M, K, valid, dtype, device, timer, warmup, repeat):
     from transip_md.model.config import named_config
-    from transip_md.model.fused_attention import FusedAttentionLayer
+    from transip_md.model.fused_attention import FusedAttentionLayer, FusedQKVAttentionLayer
     from transip_md.model.transformer import AttentionLayer
 
     torch.manual_seed(0)
@@ -152,18 +154,22 @@ def bench_layer(R, M, K, valid, dtype, device, timer, warmup, repeat):
     ref = AttentionLayer(cfg).to(device=device, dtype=dtype)
     fused = copy.deepcopy(ref)
     fused.__class__ = FusedAttentionLayer
+    fused_qkv = copy.deepcopy(ref)
+    fused_qkv.__class__ = FusedQKVAttentionLayer
+    layers = (("reference", ref), ("fused", fused), ("fused-qkv", fused_qkv))
     a = op_inputs(R, M, K, valid, cfg.width, cfg.heads, cfg.edge_width, dtype, device)
     nbr = torch.where(a["envelope"] > 0, a["gather_index"], torch.full_like(a["gather_index"], M))
     h = torch.randn(M, cfg.width, device=device, dtype=dtype, requires_grad=True)
     edge = a["edge"].clone().requires_grad_(True)
     env = a["envelope"]
     outs = {}
-    for name, layer in (("reference", ref), ("fused", fused)):
+    for name, layer in layers:
         y = layer(h, nbr, edge, env)
         outs[name] = [y.detach()] + list(torch.autograd.grad(y.sum(), (h, edge)))
-    err = max(rel(x, y) for x, y in zip(outs["fused"], outs["reference"]))
+    errs = {name: max(rel(x, y) for x, y in zip(outs[name], outs["reference"]))
+            for name, _ in layers[1:]}
     rows = {}
-    for name, layer in (("reference", ref), ("fused", fused)):
+    for name, layer in layers:
         def fwd():
             with torch.no_grad():
                 layer(h, nbr, edge, env)
@@ -173,7 +179,7 @@ def bench_layer(R, M, K, valid, dtype, device, timer, warmup, repeat):
 
         rows[name] = {"forward_ms": timer(fwd, warmup, repeat),
                       "forward_backward_ms": timer(fwd_bwd, warmup, repeat)}
-    return rows, {"fused": err}
+    return rows, errs
 
 
 def main(argv=None):

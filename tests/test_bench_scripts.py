@@ -78,13 +78,15 @@ def test_tables_with_missing_and_failed_entries(capsys):
     gpu_bench.print_transip_table([graphed, failed])
     results = {"transip": {"rows": [graphed, failed]},
                "transip-fused": {"rows": [dict(graphed, graph_ms=4.0), failed]},
+               "transip-fused-qkv": {"rows": [dict(graphed, graph_ms=3.0)]},
                "mace": {"rows": [{"atoms": 1536, "plain_ms": 40.0, "cueq_ms": 12.0},
                                  {"atoms": 6144, "cueq_error": "x"}]}}
     gpu_bench.summary(results)
     gpu_bench.summary({"transip": {"error": "x"}, "mace": {"error": "y"}})
     out = capsys.readouterr().out
     assert "graph_error: RuntimeError: capture failed" in out
-    assert "MACE cuEq / TransIP graph = 3.00" in out  # 12 ms / the fused 4 ms
+    assert "MACE cuEq / TransIP graph = 4.00" in out  # 12 ms / the best fused kind's 3 ms
+    assert "fused-qkv graph ms" in out
 
 
 def _args(**kw):
@@ -114,3 +116,26 @@ def test_openmm_gpu_options(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["openmm_gpu.py"])
     args = openmm_gpu.parse_args()
     assert args.relax is True and args.timestep_fs == 0.5
+
+
+def test_memory_profile_replays_the_heap(tmp_path):
+    """benchmarks/memory_profile.py: the same energy from every kernel kind; the peak it replays
+    from the allocation events is at least what the call's own tensors need; the gathered
+    [R, K, W] neighbour tokens of the reference make its peak the largest, the per-token qkv
+    operator's the smallest."""
+    import json
+
+    import memory_profile
+
+    out = tmp_path / "mem.json"
+    assert memory_profile.main(["--size", "tiny", "--atoms", "96", "--top", "3",
+                                "--kernels", "reference,fused,fused-qkv", "--out", str(out)]) == 0
+    runs = {r["kernels"]: r for r in json.loads(out.read_text())["runs"]}
+    energies = [r["energy_ev"] for r in runs.values()]
+    assert max(energies) - min(energies) <= 2e-5 * abs(energies[0])
+    n_atoms = runs["reference"]["atoms"]
+    forces_bytes = n_atoms * 3 * 4  # float32 forces alone
+    for r in runs.values():
+        assert r["peak_bytes"] > forces_bytes and r["alive_at_peak"]
+    assert (runs["fused-qkv"]["peak_bytes"] < runs["fused"]["peak_bytes"]
+            < runs["reference"]["peak_bytes"])

@@ -1,8 +1,9 @@
 """The fused fast path (issue #16) equals the pure-TorchScript reference, in every engine.
 
-One random float64/float32 ``tiny`` model (conftest), exported twice per dtype: ``reference``
-(pure TorchScript) and ``fused`` (each attention layer calls
-``transip_ops::neighbor_attention``). Every entry point of the contract, the ASE calculator,
+One random float64/float32 ``tiny`` model (conftest), exported three times per dtype:
+``reference`` (pure TorchScript), ``fused`` (each attention layer calls
+``transip_ops::neighbor_attention``) and ``fused-qkv`` (``neighbor_attention_qkv``, the
+per-token key/value form); every fused kind is compared with the reference. Every entry point of the contract, the ASE calculator,
 OpenMM-Torch (Reference platform), LAMMPS (serial, ``mpirun -np 2``, one rank empty) and the
 libtorch check program must give the same energies, forces and stress/virial with both files:
 1e-10 relative in float64, 2e-5 in float32 (relative to the largest component). A fused file
@@ -41,6 +42,8 @@ from transip_md.model.fused_attention import (FusedAttentionLayer, OPERATOR_LIBR
 from transip_md.model.static_shapes import plan_static_neighbors
 
 RTOL = {"float64": 1e-10, "float32": 2e-5}
+#: The fused kinds and the form use_fused_attention switches to for each.
+FUSED = {"fused": "folded", "fused-qkv": "qkv"}
 DTYPES = ("float64", "float32")
 SYSTEMS = _systems()  # acetate(-1), ethanol, water27 (cubic), water27-triclinic
 CHECKED = ("acetate(-1)", "water27", "water27-triclinic")
@@ -68,15 +71,17 @@ def library():
 
 @pytest.fixture(scope="module")
 def files(library, tmp_path_factory):
-    """{dtype: {"reference": path, "fused": path}} of one random model."""
+    """{dtype: {"reference": path, "fused": path, "fused-qkv": path}} of one random model."""
     out = tmp_path_factory.mktemp("fast_path")
     found = {}
     for dtype in DTYPES:
         ref = make_potential()
-        fused = use_fused_attention(copy.deepcopy(ref))
-        found[dtype] = {"reference": out / f"ref-{dtype}.pt", "fused": out / f"fused-{dtype}.pt"}
+        found[dtype] = {"reference": out / f"ref-{dtype}.pt"}
         export_potential(ref, found[dtype]["reference"], dtype=dtype)
-        export_potential(fused, found[dtype]["fused"], dtype=dtype)
+        for kind, form in FUSED.items():
+            found[dtype][kind] = out / f"{kind}-{dtype}.pt"
+            export_potential(use_fused_attention(copy.deepcopy(ref), form=form),
+                             found[dtype][kind], dtype=dtype)
     return found
 
 
@@ -111,11 +116,12 @@ def test_switch_keeps_parameters_and_declares_the_library(library):
     assert OPERATOR_LIBRARY in loaded_operator_libraries()
 
 
+@pytest.mark.parametrize("kind", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_eager_fused_equals_reference(library, dtype):
+def test_eager_fused_equals_reference(library, dtype, kind):
     """Without TorchScript: the layer itself (including forces and stress by autograd)."""
     ref = make_potential().to(getattr(torch, dtype))
-    fused = use_fused_attention(copy.deepcopy(ref))
+    fused = use_fused_attention(copy.deepcopy(ref), form=FUSED[kind])
     for name in CHECKED:
         atoms, charge, spin = SYSTEMS[name]
         args = tensors(atoms, charge, spin, dtype)
@@ -125,9 +131,10 @@ def test_eager_fused_equals_reference(library, dtype):
 
 
 # ----------------------------------------------------------------------------- entry points
+@pytest.mark.parametrize("kind", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_compute_and_energy(loaded, dtype):
-    ref, fused = loaded[dtype]["reference"], loaded[dtype]["fused"]
+def test_compute_and_energy(loaded, dtype, kind):
+    ref, fused = loaded[dtype]["reference"], loaded[dtype][kind]
     for name in CHECKED:
         atoms, charge, spin = SYSTEMS[name]
         args = tensors(atoms, charge, spin, dtype)
@@ -149,10 +156,11 @@ def _static(model, atoms, charge, spin, dtype):
     return {"energy": energy.detach(), "forces": -grad}
 
 
+@pytest.mark.parametrize("kind", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_energy_static(loaded, dtype):
+def test_energy_static(loaded, dtype, kind):
     """The CUDA-graph path of OpenMM (static shapes, cell list or all pairs)."""
-    ref, fused = loaded[dtype]["reference"], loaded[dtype]["fused"]
+    ref, fused = loaded[dtype]["reference"], loaded[dtype][kind]
     for name in ("acetate(-1)", "water27-triclinic"):
         atoms, charge, spin = SYSTEMS[name]
         want = _static(ref, atoms, charge, spin, dtype)
@@ -173,10 +181,11 @@ def _pairs(atoms, cutoff):
     return torch.tensor(i), torch.tensor(j), shift
 
 
+@pytest.mark.parametrize("kind", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mapped_energies_forces_virial(loaded, dtype):
+def test_mapped_energies_forces_virial(loaded, dtype, kind):
     """LAMMPS on one rank (owner-mapped periodic images): energies, forces, virial."""
-    ref, fused = loaded[dtype]["reference"], loaded[dtype]["fused"]
+    ref, fused = loaded[dtype]["reference"], loaded[dtype][kind]
     t = getattr(torch, dtype)
     for name in CHECKED:
         atoms, charge, spin = SYSTEMS[name]
@@ -196,10 +205,11 @@ def _ghost_split(atoms, nlocal):
     return i, j, nlocal
 
 
+@pytest.mark.parametrize("kind", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_local_energies_forces_and_halo(loaded, dtype):
+def test_local_energies_forces_and_halo(loaded, dtype, kind):
     """The LAMMPS entry points with ghost rows (R < M), including a rank that owns nothing."""
-    ref, fused = loaded[dtype]["reference"], loaded[dtype]["fused"]
+    ref, fused = loaded[dtype]["reference"], loaded[dtype][kind]
     t = getattr(torch, dtype)
     atoms, charge, spin = SYSTEMS["acetate(-1)"]
     q, s = torch.tensor(charge), torch.tensor(spin)
@@ -231,12 +241,13 @@ def test_local_energies_forces_and_halo(loaded, dtype):
     assert out.shape == (0, fused.halo_feature_width())
 
 
-def test_no_double_backward_but_reference_trains(library):
+@pytest.mark.parametrize("kind", FUSED)
+def test_no_double_backward_but_reference_trains(library, kind):
     """Training (forces in the loss) needs second derivatives: the reference path has them,
     the operator refuses with a message naming the way out."""
     atoms, charge, spin = SYSTEMS["ethanol"]
     ref = make_potential()
-    fused = use_fused_attention(copy.deepcopy(ref))
+    fused = use_fused_attention(copy.deepcopy(ref), form=FUSED[kind])
     for model, ok in ((ref, True), (fused, False)):
         pos = torch.tensor(atoms.positions, requires_grad=True)
         energy = model.energy(pos, torch.tensor(atoms.numbers), torch.zeros(3, 3),
@@ -266,7 +277,10 @@ def test_files_declare_what_they_need(files, loaded):
         # the reference file's TorchScript never mentions the library (it loads without it)
         assert "transip_ops" not in _archive_code(pair["reference"])
         assert "transip_ops" not in loaded[dtype]["reference"].network.code
-        assert "transip_ops.neighbor_attention" in _archive_code(pair["fused"])
+        assert "transip_ops.neighbor_attention(" in _archive_code(pair["fused"])
+        assert "transip_ops.neighbor_attention_qkv(" in _archive_code(pair["fused-qkv"])
+        qkv_meta = json.loads(str(loaded[dtype]["fused-qkv"].metadata_json))
+        assert qkv_meta["operator_library"] == "transip_ops"
 
 
 def test_export_cli_kernels(library, tmp_path, files):
@@ -314,17 +328,18 @@ def test_fused_file_without_library_is_refused_in_python(files, tmp_path):
 
 
 # ----------------------------------------------------------------------------- engines
+@pytest.mark.parametrize("kind", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ase_calculator(files, dtype):
+def test_ase_calculator(files, dtype, kind):
     from transip_md.calculator import TransIPCalculator
 
     for name in CHECKED:
         atoms, charge, spin = SYSTEMS[name]
         results = []
-        for kind in ("reference", "fused"):
+        for which in ("reference", kind):
             a = atoms.copy()
             a.info["charge"], a.info["spin"] = charge, spin
-            a.calc = TransIPCalculator(str(files[dtype][kind]))
+            a.calc = TransIPCalculator(str(files[dtype][which]))
             r = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
             if a.pbc.any():
                 r["stress"] = a.get_stress()
@@ -332,14 +347,15 @@ def test_ase_calculator(files, dtype):
         assert_close(results[1], results[0], dtype, f"ASE {name}")
 
 
-def test_openmm_torchforce(files):
+@pytest.mark.parametrize("kind", FUSED)
+def test_openmm_torchforce(files, kind):
     """openmm-torch's TorchForce runs the fused file in this process (the door loaded the
     library into the same libtorch)."""
     pytest.importorskip("openmmtorch")
     for name in ("acetate(-1)", "water27-triclinic"):
         atoms, charge, spin = SYSTEMS[name]
         e_ref, f_ref = _eval_openmm(files["float64"]["reference"], atoms, charge, spin, "Reference")
-        e_fus, f_fus = _eval_openmm(files["float64"]["fused"], atoms, charge, spin, "Reference")
+        e_fus, f_fus = _eval_openmm(files["float64"][kind], atoms, charge, spin, "Reference")
         assert abs(e_fus - e_ref) <= RTOL["float64"] * abs(e_ref), name
         assert rel(f_fus, f_ref) <= RTOL["float64"], name
 
@@ -401,25 +417,26 @@ def _lammps_run(plugin, workdir, data, boundary, model, nprocs, tag):
     return {"energy": values[0], "virial": np.array(values[1:]), "forces": forces}, out.stdout
 
 
+@pytest.mark.parametrize("kind", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lammps_plugin(plugin, lammps_data, files, dtype):
+def test_lammps_plugin(plugin, lammps_data, files, dtype, kind):
     workdir, systems = lammps_data
     for name, (data, boundary) in systems.items():
         for nprocs in (1, 2):
             if dtype == "float32" and nprocs == 2 and name != "cluster":
                 continue  # float32 MPI: the empty-rank case is enough
             runs = {}
-            for kind in ("reference", "fused"):
-                runs[kind], text = _lammps_run(plugin, workdir, data, boundary,
-                                               files[dtype][kind], nprocs,
-                                               f"{name}-{kind}-{dtype}-np{nprocs}")
+            for which in ("reference", kind):
+                runs[which], text = _lammps_run(plugin, workdir, data, boundary,
+                                                files[dtype][which], nprocs,
+                                                f"{name}-{which}-{dtype}-np{nprocs}")
             if name == "cluster" and nprocs == 2:
                 owned = re.search(r"TransIP: per rank: owned atoms (\d+)\.\.(\d+)", text)
                 assert owned and owned.group(1) == "0", "one rank should own no atom"
             want = dict(runs["reference"])
             if boundary == "f f f":
                 want.pop("virial")
-            assert_close(runs["fused"], want, dtype, f"LAMMPS {name} np{nprocs}")
+            assert_close(runs[kind], want, dtype, f"LAMMPS {kind} {name} np{nprocs}")
 
 
 @pytest.fixture(scope="module")
@@ -448,19 +465,20 @@ def _parse_check(text):
     return parse_output(text)
 
 
+@pytest.mark.parametrize("kind", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_check_program(check_program, files, tmp_path, dtype):
+def test_check_program(check_program, files, tmp_path, dtype, kind):
     for name in ("acetate(-1)", "water27-triclinic"):
         atoms, charge, _ = SYSTEMS[name]
         xyz = tmp_path / f"{name}.xyz"
         ase.io.write(xyz, atoms, format="extxyz")
         got = {}
-        for kind in ("reference", "fused"):
-            proc = _check(check_program, files[dtype][kind], xyz, charge=charge)
+        for which in ("reference", kind):
+            proc = _check(check_program, files[dtype][which], xyz, charge=charge)
             assert proc.returncode == 0, proc.stderr
-            got[kind] = _parse_check(proc.stdout)
+            got[which] = _parse_check(proc.stdout)
         keys = ["energy", "forces"] + (["stress"] if atoms.pbc.any() else [])
-        assert_close({k: got["fused"][k] for k in keys}, {k: got["reference"][k] for k in keys},
+        assert_close({k: got[kind][k] for k in keys}, {k: got["reference"][k] for k in keys},
                      dtype, f"transip_check {name}")
 
 

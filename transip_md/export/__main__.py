@@ -22,6 +22,11 @@ operator_library "transip_ops", and every engine that loads it must load the lib
 Python door, the ASE calculator and OpenMM do it themselves; the LAMMPS plugin and the check
 program use TRANSIP_OPS_LIBRARY or the library path compiled into them. The check compares a
 fused export with the eager reference model. Training always runs the reference path.
+--kernels fused-qkv is the same with the per-token key/value operator
+transip_ops::neighbor_attention_qkv (8x fewer multiply-adds per neighbour on the token side,
+about half the peak memory of fused; benchmarks/memory_profile.py); its CUDA kernels are
+compiled but, as of 2026-12-01, not yet run on a GPU, so prefer fused on GPUs until the
+GPU tests (tests/test_ops_qkv.py) have passed there.
 """
 
 import argparse
@@ -49,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --info: print raw JSON")
     p.add_argument("--no-check", action="store_true", help="skip the eager-vs-exported fidelity check")
     p.add_argument("--kernels", choices=KERNELS, default="reference",
-                   help="reference: pure TorchScript, loads anywhere (default); fused: the compiled "
-                        "fast path, needs the transip_ops library wherever the file is loaded "
-                        "(built on first use; see above)")
+                   help="reference: pure TorchScript, loads anywhere (default); fused, "
+                        "fused-qkv: the compiled fast path, needs the transip_ops library "
+                        "wherever the file is loaded (built on first use; see above)")
     return p
 
 

@@ -31,8 +31,10 @@ PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 FIDELITY_RTOL = {"float32": 5e-5, "float64": 1e-10}
 
 #: What an export's attention layers run: the pure-TorchScript reference (loads anywhere) or
-#: the fused operator of the transip_ops library (model/fused_attention.py).
-KERNELS = ("reference", "fused")
+#: a fused operator of the transip_ops library (model/fused_attention.py), by its form:
+#: ``fused`` the folded-query operator, ``fused-qkv`` the per-token key/value operator.
+FUSED_KERNELS = {"fused": "folded", "fused-qkv": "qkv"}
+KERNELS = ("reference",) + tuple(FUSED_KERNELS)
 
 
 def default_checkpoint_path() -> Path:
@@ -163,8 +165,8 @@ def export_checkpoint(ckpt_path: PathLike, out_path: PathLike, dtype: str = "flo
     ``out_path`` may be new or a previous export (replaced only if ``replace_export``; the
     command line passes ``--force``); anything else there is refused. With ``check`` the file
     is compared with the eager model before it is renamed into place, and nothing is written
-    if they disagree beyond ``FIDELITY_RTOL``. ``kernels="fused"`` exports the fused attention
-    operator (the file then needs the transip_ops library wherever it is loaded); its check
+    if they disagree beyond ``FIDELITY_RTOL``. ``kernels="fused"`` / ``"fused-qkv"`` export a
+    fused attention operator (the file then needs the transip_ops library wherever it is loaded); its check
     compares it with the eager *reference* model.
     """
     if kernels not in KERNELS:
@@ -181,14 +183,14 @@ def export_checkpoint(ckpt_path: PathLike, out_path: PathLike, dtype: str = "flo
         "source_checkpoint": str(Path(ckpt_path).name),
     }
     potential = ckpt.potential
-    if kernels == "fused":
+    if kernels in FUSED_KERNELS:
         from ..model.fused_attention import OperatorUnavailable, use_fused_attention
 
         try:  # a copy: ckpt.potential stays the reference the check compares with
-            potential = use_fused_attention(copy.deepcopy(potential))
+            potential = use_fused_attention(copy.deepcopy(potential), form=FUSED_KERNELS[kernels])
         except OperatorUnavailable as exc:
-            raise ModelFileError(f"--kernels fused needs the operator library: {exc}; or export "
-                                 "with --kernels reference (no library needed)") from None
+            raise ModelFileError(f"--kernels {kernels} needs the operator library: {exc}; or "
+                                 "export with --kernels reference (no library needed)") from None
     with atomic_output(out_path) as tmp:
         meta = write_exported(potential, tmp, dtype=dtype, extra_metadata=extra)
         if check:

@@ -15,6 +15,7 @@ tested reference, the training path (the operator has no double backward) and th
 machines without the library.
 """
 
+import math
 import os
 
 import torch
@@ -98,20 +99,71 @@ class FusedAttentionLayer(AttentionLayer):
         return self._finish(h, self._values(agg_tok, agg_edge, a_sum, a_self, v_self))
 
 
-def use_fused_attention(model: nn.Module) -> nn.Module:
+class FusedQKVAttentionLayer(AttentionLayer):
+    """:class:`AttentionLayer` through ``transip_ops::neighbor_attention_qkv``, the per-token
+    key/value form of the same function with the same parameters.
+
+    The token parts of keys and values, ``k_j = Wk x_j + bk`` and ``v_j = Wv x_j + bv``, belong
+    to the neighbour alone, so they are computed once per token (one ``qkv`` product for all M
+    rows) and the operator gathers them per slot inside its kernel; only the edge parts stay
+    folded into the query (``q_edge = Wek_h^T q_h``, [H, R, E]). Per edge the operator does
+    ~2W + 2HE multiply-adds instead of the folded form's 2HW + 2HE (8x fewer on the token side
+    at 8 heads), and no [R, H, W] tensor exists: the query, folded copies and aggregated tokens
+    of :class:`FusedAttentionLayer` were ~30 KiB per atom per layer of TransIP-S's peak memory
+    (benchmarks/memory_profile.py). Not for training: the operator has no double backward.
+    """
+
+    def forward(self, h: Tensor, nbr_index: Tensor, edge: Tensor, envelope: Tensor) -> Tensor:
+        n_rows = nbr_index.shape[0]
+        W, H, D, E = self.width, self.heads, self.head_dim, self.edge_width
+        x = self.norm_attn(h)
+        qkv = self.qkv(x)  # [M, 3W]: q | k | v of every row (ghost rows are keys/values only)
+        scale = 1.0 / math.sqrt(D)
+        q = (qkv[:n_rows, :W] * scale).view(n_rows, H, D)
+        w_ek, w_ev, w_eb = self.edge_proj.weight.split([W, W, H], dim=0)
+        b_ek, b_ev, b_eb = self.edge_proj.bias.split([W, W, H], dim=0)
+        s_k, s_v = self.self_kv.chunk(2)
+        q_edge = torch.bmm(q.transpose(0, 1), w_ek.view(H, D, E))  # [H, R, E], contiguous
+        # bk is inside k_j; the edge key's bias bek and the per-head bias stay in `bias`.
+        q_bias = (q * b_ek.view(H, D)).sum(-1)  # [R, H]
+        bias = nn.functional.linear(edge, w_eb, b_eb) + q_bias.unsqueeze(1)  # [R, K, H]
+        k_self = qkv[:n_rows, W:2 * W] + s_k
+        v_self = (qkv[:n_rows, 2 * W:] + s_v).view(n_rows, H, D)
+        logit_self = (q * k_self.view(n_rows, H, D)).sum(-1)  # [R, H]
+        own_row = torch.arange(n_rows, device=nbr_index.device).unsqueeze(1)
+        gather_index = torch.where(nbr_index < h.shape[0], nbr_index, own_row)
+        agg_v, agg_edge, a_sum, a_self = torch.ops.transip_ops.neighbor_attention_qkv(
+            qkv, gather_index, edge, envelope, q_edge, bias, logit_self, scale)
+        mixed = (agg_v.view(n_rows, H, D)
+                 + torch.einsum("nhe,hde->nhd", agg_edge, w_ev.view(H, D, E))
+                 + a_sum.unsqueeze(-1) * b_ev.view(H, D)
+                 + a_self.unsqueeze(-1) * v_self)
+        return self._finish(h, mixed)
+
+
+#: Fused forms :func:`use_fused_attention` can switch to: the folded query form (one
+#: [R, H, W] query per row, ``neighbor_attention``) and the per-token key/value form.
+FUSED_FORMS = {"folded": FusedAttentionLayer, "qkv": FusedQKVAttentionLayer}
+
+
+def use_fused_attention(model: nn.Module, form: str = "folded") -> nn.Module:
     """Switch every attention layer of ``model`` (a :class:`TransIPPotential` or anything
-    holding :class:`AttentionLayer` modules) to :class:`FusedAttentionLayer`, in place, and
-    declare the library on the model (``model.operator_library``). Loads the library first
-    (:func:`load_operator_library`), since the switched model calls it. Returns ``model``."""
+    holding :class:`AttentionLayer` modules) to the fused layer of ``form`` (a key of
+    :data:`FUSED_FORMS`), in place, and declare the library on the model
+    (``model.operator_library``). Loads the library first (:func:`load_operator_library`),
+    since the switched model calls it. Returns ``model``."""
+    if form not in FUSED_FORMS:
+        raise ValueError(f"unknown fused attention form {form!r}; choose one of "
+                         f"{', '.join(FUSED_FORMS)}")
     load_operator_library()
     for module in model.modules():
         if type(module) is AttentionLayer:
-            module.__class__ = FusedAttentionLayer
+            module.__class__ = FUSED_FORMS[form]
     if hasattr(model, "operator_library"):
         model.operator_library = OPERATOR_LIBRARY
     return model
 
 
 def uses_fused_attention(model: nn.Module) -> bool:
-    """Whether any attention layer of ``model`` is fused."""
-    return any(isinstance(m, FusedAttentionLayer) for m in model.modules())
+    """Whether any attention layer of ``model`` is fused (either form)."""
+    return any(isinstance(m, tuple(FUSED_FORMS.values())) for m in model.modules())

@@ -26,7 +26,22 @@ derivative raises "transip_ops.neighbor_attention has no double backward; traini
 reference path". On the CPU ``gather_index`` is range-checked; on a GPU an index outside
 ``[0, M)`` stops the kernel (a device-side trap, like torch's own index assertions).
 
-Two CUDA backward kernels exist: the default (``scalar``: one atomic add per column of the
+``torch.ops.transip_ops.neighbor_attention_qkv(qkv, gather_index, edge, envelope, q_edge, bias,
+logit_self, scale) -> (agg_v, agg_edge, a_sum, a_self)``, the per-token key/value form (the
+same layer function; :class:`transip_md.model.fused_attention.FusedQKVAttentionLayer`)::
+
+    qkv [M, 3W] (row j = q_j | k_j | v_j; head h owns columns h*D..h*D+D-1 of each, D = W/H)
+    gather_index [R, K]  edge [R, K, E]  envelope [R, K]  q_edge [H, R, E]  bias [R, K, H]
+    logit_self [R, H]  scale (float)
+
+    l[k,h] = scale * q_i,h . k_idx[k],h + edge[k] . q_edge[h] + bias[k,h]
+    (softmax, a, a_self, agg_edge, a_sum as above)
+    agg_v[h*D + c] = sum_k a[k,h] v_idx[k],h[c]                     agg_v [R, W]
+
+First derivatives with respect to qkv (its q columns for rows < R, k and v columns scattered to
+the neighbours' rows), edge, envelope, q_edge, bias and logit_self; no double backward.
+
+Two CUDA backward kernels exist for ``neighbor_attention``: the default (``scalar``: one atomic add per column of the
 scattered token gradient) and ``vector`` (float4/float2 atomics and 16-byte loads, float32 on
 sm_90+), chosen by ``TRANSIP_OPS_BACKWARD`` or ``torch.ops.transip_ops.cuda_backward_variant``.
 Both are tested against the reference; on an H200 the vector one was slower (11.1 vs 9.2 ms per

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "neighbor_softmax_cpu.h"
 #include "transip_ops.h"
 
 namespace transip_ops {
@@ -47,29 +48,8 @@ void forward_rows(const Dims& d, const T* X, const int64_t* I, const T* EDGE, co
                               B[(i * K + k) * H + h];
         }
       }
-      for (int64_t h = 0; h < H; ++h) {
-        const T ls = LS[i * H + h];
-        T m = ls;
-        for (int64_t k = 0; k < K; ++k)
-          if (env[k] > 0) m = std::max(m, weight[k * H + h]);
-        const T u_self = std::exp(ls - m);
-        T D = u_self;
-        for (int64_t k = 0; k < K; ++k) {
-          const T t = env[k] > 0 ? std::exp(weight[k * H + h] - m) : T(1);
-          const T u = env[k] * t;
-          weight[k * H + h] = u;
-          D += u;
-        }
-        T sum = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          weight[k * H + h] /= D;
-          sum += weight[k * H + h];
-        }
-        row_max[i * H + h] = m;
-        denom[i * H + h] = D;
-        a_sum[i * H + h] = sum;
-        a_self[i * H + h] = u_self / D;
-      }
+      cpu::softmax_row(K, H, env, LS + i * H, weight.data(), row_max + i * H, denom + i * H,
+                       a_sum + i * H, a_self + i * H);
       T* out_tok = agg_tok + i * H * W;
       T* out_edge = agg_edge + i * H * E;
       std::fill(out_tok, out_tok + H * W, T(0));
@@ -120,25 +100,9 @@ void backward_rows(const Dims& d, const T* GT, const T* GE, const T* GS, const T
                               dot(GE + (i * H + h) * E, ek, E) + GS[i * H + h];
         }
       }
-      for (int64_t h = 0; h < H; ++h) {
-        const T as = std::exp(LS[i * H + h] - MX[i * H + h]) / DEN[i * H + h];
-        T s = as * GSELF[i * H + h];
-        for (int64_t k = 0; k < K; ++k) s += a[k * H + h] * ga_buf[k * H + h];
-        c[h] = s;
-        dls[i * H + h] = as * (GSELF[i * H + h] - s);
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        const bool valid = env[k] > 0;
-        T de = 0;
-        for (int64_t h = 0; h < H; ++h) {
-          const T g = ga_buf[k * H + h] - c[h];
-          de += g * t_buf[k * H + h] / DEN[i * H + h];
-          const T v = valid ? a[k * H + h] * g : T(0);
-          dl[k * H + h] = v;
-          dbias[(i * K + k) * H + h] = v;
-        }
-        denv[i * K + k] = de;
-      }
+      cpu::softmax_row_backward(K, H, env, LS + i * H, MX + i * H, DEN + i * H, GSELF + i * H, a,
+                                ga_buf.data(), t_buf.data(), c.data(), dls + i * H, dl,
+                                dbias + i * K * H, denv + i * K);
       T* gq_tok = dqt + i * H * W;
       T* gq_edge = dqe + i * H * E;
       std::fill(gq_tok, gq_tok + H * W, T(0));

@@ -275,7 +275,13 @@ struct Kernels {
   CUfunction forward = nullptr;
   CUfunction backward = nullptr;         // na_backward (vector atomics / 16-byte loads)
   CUfunction backward_scalar = nullptr;  // na_backward_scalar (the original kernel)
+  CUfunction qkv_forward = nullptr;      // naq_forward (neighbor_attention_qkv)
+  CUfunction qkv_backward = nullptr;     // naq_backward
 };
+
+// Every kernel of the text; nvrtc_check confirms each is in the compiled binary.
+const char* const kKernelFunctions[] = {"na_forward", "na_backward", "na_backward_scalar",
+                                        "naq_forward", "naq_backward"};
 
 // Which backward kernel runs: TRANSIP_OPS_BACKWARD=scalar (default) or vector, read once.
 // Measured on the H200 (2026-12-01, R=24576, K=96, W=256, H=8, float32, op forward+backward):
@@ -353,6 +359,10 @@ const Kernels& kernels(int device, at::ScalarType dtype, int64_t W, int64_t H, i
                    "cuModuleGetFunction");
   TRANSIP_CU_CHECK(d.module_get_function(&k.backward_scalar, module, "na_backward_scalar"),
                    "cuModuleGetFunction");
+  TRANSIP_CU_CHECK(d.module_get_function(&k.qkv_forward, module, "naq_forward"),
+                   "cuModuleGetFunction");
+  TRANSIP_CU_CHECK(d.module_get_function(&k.qkv_backward, module, "naq_backward"),
+                   "cuModuleGetFunction");
   return cache[key] = k;  // the module stays loaded for the process's lifetime
 }
 
@@ -391,6 +401,22 @@ void launch(CUfunction f, int device, int64_t rows, size_t shared, std::vector<v
                                           static_cast<CUstream>(stream), args.data(),
                                           nullptr),
                    "cuLaunchKernel");
+}
+
+// The qkv kernels take `scale` as a kernel argument of the tensors' dtype; the driver copies
+// sizeof(T) bytes from the pointer given, so the host value must have that type.
+struct ScaleArg {
+  float f;
+  double d;
+  void* ptr(at::ScalarType t) { return t == at::kDouble ? arg(d) : arg(f); }
+};
+
+void check_qkv_dims(const char* op, const Dims& d) {
+  // The caller checks these; the kernels index heads as column / (W / H) and would read past
+  // the [K, H] rows otherwise, so refuse here too (cheap, host-only).
+  TORCH_CHECK(d.H > 0 && d.W % d.H == 0,
+              cat(op, ": token width W = ", d.W, " is not a multiple of the heads H = ", d.H));
+  TORCH_CHECK(d.R <= d.M, cat(op, ": R = ", d.R, " attending rows exceed M = ", d.M, " rows"));
 }
 
 }  // namespace
@@ -477,6 +503,86 @@ std::vector<Tensor> backward_cuda(const Dims& d, const Tensor& g_tok, const Tens
   return {dx, dedge, denv, dqt, dqe, dbias, dls};
 }
 
+std::vector<Tensor> forward_qkv_cuda(const Dims& d, const Tensor& qkv,
+                                     const Tensor& gather_index, const Tensor& edge,
+                                     const Tensor& envelope, const Tensor& q_edge,
+                                     const Tensor& bias, const Tensor& logit_self,
+                                     double scale) {
+  const char* op = "transip_ops.neighbor_attention_qkv";
+  check_qkv_dims(op, d);
+  c10::DeviceGuard guard(qkv.device());
+  const int device = qkv.device().index();
+  make_context_current(device);
+  const Kernels& k = kernels(device, qkv.scalar_type(), d.W, d.H, d.E);
+  auto opt = qkv.options();
+  Tensor agg_v = at::empty({d.R, d.W}, opt);
+  Tensor agg_edge = at::empty({d.R, d.H, d.E}, opt);
+  Tensor a_sum = at::empty({d.R, d.H}, opt);
+  Tensor a_self = at::empty({d.R, d.H}, opt);
+  Tensor row_max = at::empty({d.R, d.H}, opt);
+  Tensor denom = at::empty({d.R, d.H}, opt);
+  SharedPlan plan = plan_shared(op, d, qkv.element_size(), 0, 1);  // as na_forward
+  Tensor scratch;
+  if (plan.scratch) scratch = at::empty({d.R, d.K * d.H}, opt);
+  void *pq = qkv.data_ptr(), *pi = gather_index.data_ptr(), *pe = edge.data_ptr(),
+       *pv = envelope.data_ptr(), *pqe = q_edge.data_ptr(), *pb = bias.data_ptr(),
+       *pls = logit_self.data_ptr(), *po0 = agg_v.data_ptr(), *po1 = agg_edge.data_ptr(),
+       *po2 = a_sum.data_ptr(), *po3 = a_self.data_ptr(), *po4 = row_max.data_ptr(),
+       *po5 = denom.data_ptr(), *pl = plan.scratch ? scratch.data_ptr() : nullptr;
+  int K = static_cast<int>(d.K);
+  long long M = d.M, R = d.R;
+  ScaleArg sc{static_cast<float>(scale), scale};
+  std::vector<void*> args = {arg(pq),  arg(pi),  arg(pe),  arg(pv),  arg(pqe), arg(pb),
+                             arg(pls), arg(po0), arg(po1), arg(po2), arg(po3), arg(po4),
+                             arg(po5), arg(pl),  arg(K),   arg(M),   arg(R),
+                             sc.ptr(qkv.scalar_type())};
+  launch(k.qkv_forward, device, d.R, plan.bytes, args);
+  return {agg_v, agg_edge, a_sum, a_self, row_max, denom};
+}
+
+std::vector<Tensor> backward_qkv_cuda(const Dims& d, const Tensor& g_v, const Tensor& g_edge,
+                                      const Tensor& g_sum, const Tensor& g_self,
+                                      const Tensor& qkv, const Tensor& gather_index,
+                                      const Tensor& edge, const Tensor& envelope,
+                                      const Tensor& q_edge, const Tensor& bias,
+                                      const Tensor& logit_self, const Tensor& row_max,
+                                      const Tensor& denom, double scale) {
+  const char* op = "transip_ops.neighbor_attention_qkv_backward";
+  check_qkv_dims(op, d);
+  c10::DeviceGuard guard(qkv.device());
+  const int device = qkv.device().index();
+  make_context_current(device);
+  const Kernels& k = kernels(device, qkv.scalar_type(), d.W, d.H, d.E);
+  auto opt = qkv.options();
+  // Zeroed: the k / v parts are scattered into with atomicAdd, and rows >= R have no q part.
+  Tensor dqkv = at::zeros({d.M, 3 * d.W}, opt);
+  Tensor dedge = at::empty({d.R, d.K, d.E}, opt);
+  Tensor denv = at::empty({d.R, d.K}, opt);
+  Tensor dqe = at::empty({d.H, d.R, d.E}, opt);  // head-major, as q_edge
+  Tensor dbias = at::empty({d.R, d.K, d.H}, opt);
+  Tensor dls = at::empty({d.R, d.H}, opt);
+  SharedPlan plan = plan_shared(op, d, qkv.element_size(), 3, 2);  // as na_backward_scalar
+  Tensor scratch;
+  if (plan.scratch) scratch = at::empty({d.R, 2 * d.K * d.H}, opt);
+  void *pgv = g_v.data_ptr(), *pge = g_edge.data_ptr(), *pgs = g_sum.data_ptr(),
+       *pgself = g_self.data_ptr(), *pq = qkv.data_ptr(), *pi = gather_index.data_ptr(),
+       *pe = edge.data_ptr(), *pv = envelope.data_ptr(), *pqe = q_edge.data_ptr(),
+       *pb = bias.data_ptr(), *pls = logit_self.data_ptr(), *pm = row_max.data_ptr(),
+       *pD = denom.data_ptr(), *o0 = dqkv.data_ptr(), *o1 = dedge.data_ptr(),
+       *o2 = denv.data_ptr(), *o3 = dqe.data_ptr(), *o4 = dbias.data_ptr(),
+       *o5 = dls.data_ptr(), *pl = plan.scratch ? scratch.data_ptr() : nullptr;
+  int K = static_cast<int>(d.K);
+  long long M = d.M, R = d.R;
+  ScaleArg sc{static_cast<float>(scale), scale};
+  std::vector<void*> args = {arg(pgv), arg(pge), arg(pgs), arg(pgself), arg(pq), arg(pi),
+                             arg(pe),  arg(pv),  arg(pqe), arg(pb),     arg(pls), arg(pm),
+                             arg(pD),  arg(o0),  arg(o1),  arg(o2),     arg(o3), arg(o4),
+                             arg(o5),  arg(pl),  arg(K),   arg(M),      arg(R),
+                             sc.ptr(qkv.scalar_type())};
+  launch(k.qkv_backward, device, d.R, plan.bytes, args);
+  return {dqkv, dedge, denv, dqe, dbias, dls};
+}
+
 std::string cuda_backward_variant(std::string set) {
   if (!set.empty()) variant_slot().store(parse_variant(set, "cuda_backward_variant"));
   return variant_slot().load() == kVariantVector ? "vector" : "scalar";
@@ -492,6 +598,14 @@ std::string nvrtc_check(int64_t arch, std::string dtype, int64_t width, int64_t 
   Binary b = compile(static_cast<int>(arch), dtype == "float64" ? "double" : "float", width,
                      heads, edge_width, verbose);
   const Nvrtc& n = nvrtc();
+  const bool native = b.target.find("cubin") != std::string::npos;
+  // Each kernel's name is in the binary (the cubin's symbol table, the PTX's .entry lines):
+  // a kernel lost to a preprocessor branch would otherwise only show at cuModuleGetFunction.
+  for (const char* name : kKernelFunctions)
+    TORCH_CHECK(b.image.find(native ? std::string(name) + '\0'
+                                    : ".entry " + std::string(name) + "(") != std::string::npos,
+                cat("transip_ops.nvrtc_check: kernel ", name, " is missing from the ",
+                    b.target));
   return cat(b.target, ": ", b.image.size(), " bytes, NVRTC ", n.major, ".", n.minor, " from ",
              n.path, "\n", b.log);
 }

@@ -20,6 +20,9 @@
 // (float2*), 4 or 2 columns per thread, slots shared out over thread groups; scalar atomicAdd
 // for float64 and elsewhere) and an atomic-free pass for dq_tok, dedge, dq_edge. The host picks
 // the kernel per call (neighbor_attention_cuda.cpp); both compute the same sums.
+//
+// naq_forward / naq_backward (end of the file) are the kernels of neighbor_attention_qkv (keys
+// and values per token, qkv [M, 3W]), built on the plan of na_forward / na_backward_scalar.
 
 typedef SCALAR T;
 typedef long long i64;
@@ -508,4 +511,311 @@ extern "C" __global__ void __launch_bounds__(NT) na_backward_scalar(NA_BACKWARD_
 // 16-byte aligned. dx must be 16-byte aligned (the host launches the scalar kernel otherwise).
 extern "C" __global__ void __launch_bounds__(NT) na_backward(NA_BACKWARD_PARAMS) {
   backward_body<true>(NA_BACKWARD_ARGS);
+}
+
+// ============================================================================================
+// neighbor_attention_qkv: per-token keys and values (transip_ops.h, "neighbor_attention_qkv").
+// qkv [M, 3W] holds q_j | k_j | v_j per row; head h owns columns h D .. h D + D - 1 of each
+// third (D = W / H; the host checks W % H == 0 before launching these kernels, which are
+// compiled for any W_, H_ since the whole text is built for both operators). q_edge and
+// dq_edge are head-major [H, R, E]. The plan is that of na_forward / na_backward_scalar: one
+// block per attending row i, the row's [K, H] logits / weights in shared memory (or the
+// global scratch row lbuf), atomics for the scatter into the gathered rows' k and v columns.
+
+#define D_ (W_ >= H_ ? W_ / H_ : 1)  // head width (1 only in builds never launched: W_ < H_)
+#define W3 (3 * W_)                  // qkv row length
+
+// acc[h] += this lane's share of a[h D .. h D + D) . b[h D .. h D + D) (warp_sum completes it):
+// the lanes go over the columns of one head at a time, the heads unrolled (compile-time acc
+// index: the accumulators stay in registers). With D < 32 lanes idle, but each lane then does
+// H multiply-adds per slot, no more than lanes over all W columns with a select of the head
+// (W / 32 column chunks times H selects); that variant also spilled registers under ptxas.
+__device__ __forceinline__ void head_dots(T (&acc)[H_], const T* __restrict__ a,
+                                          const T* __restrict__ b, int lane) {
+#pragma unroll
+  for (int h = 0; h < H_; ++h)
+    for (int c = lane; c < D_; c += 32) acc[h] += a[h * D_ + c] * b[h * D_ + c];
+}
+
+// First edge column of thread tid in the column passes: the passes go over W token columns and
+// then E edge columns as if they were one range of W + E columns dealt out round-robin (column
+// W + e to thread (W + e) % NT), so the threads left idle by the last token round start the edge
+// columns. Two loops instead of one with a branch: ptxas spilled registers in the latter.
+__device__ __forceinline__ int first_edge_column(int tid) { return (tid + NT - W_ % NT) % NT; }
+
+// Logits of one valid slot without the bias, for all heads, in every lane of the calling warp:
+// acc[h] = scale q_i,h . k_j,h + e . q_edge[h, i] (the edge row e; q_edge[h, i, c] at
+// qe[h RE + c]). naq_forward and naq_backward share it, so the backward recomputes the same
+// logits.
+__device__ __forceinline__ void slot_logits(T (&acc)[H_], const T* __restrict__ qi,
+                                            const T* __restrict__ kj, const T* __restrict__ ek,
+                                            const T* __restrict__ qe, i64 RE, T scale,
+                                            int lane) {
+#pragma unroll
+  for (int h = 0; h < H_; ++h) acc[h] = 0;
+  head_dots(acc, qi, kj, lane);
+#pragma unroll
+  for (int h = 0; h < H_; ++h) acc[h] *= scale;  // scale applies to the token dot only
+  for (int c = lane; c < E_; c += 32) {
+    const T v = ek[c];
+#pragma unroll
+    for (int h = 0; h < H_; ++h) acc[h] += v * qe[h * RE + c];
+  }
+#pragma unroll
+  for (int h = 0; h < H_; ++h) acc[h] = warp_sum(acc[h]);
+}
+
+// Forward. Per row i: l[k,h] = scale q_i,h . k_j,h + edge[i,k] . q_edge[h,i] + bias[i,k,h]
+// (j = idx[i,k]), the envelope softmax of na_forward, then agg_v[i, c] = sum_k a[k, c / D]
+// v_j[c] and agg_edge[i,h,e] = sum_k a[k,h] edge[i,k,e].
+extern "C" __global__ void __launch_bounds__(NT)
+naq_forward(const T* __restrict__ qkv, const i64* __restrict__ gidx, const T* __restrict__ edge,
+            const T* __restrict__ env, const T* __restrict__ q_edge, const T* __restrict__ bias,
+            const T* __restrict__ logit_self, T* __restrict__ agg_v, T* __restrict__ agg_edge,
+            T* __restrict__ a_sum, T* __restrict__ a_self, T* __restrict__ row_max,
+            T* __restrict__ denom, T* __restrict__ lbuf, int K, i64 M, i64 R, T scale) {
+  extern __shared__ double smem[];  // double: 8-byte alignment for every part below
+  const i64 i = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  i64* s_idx = (i64*)smem;
+  T* s_env = (T*)(s_idx + K);
+  T* L = lbuf ? lbuf + i * K * H_ : s_env + K;  // [K, H]: logits, then weights a
+  const T* qi = qkv + i * W3;                   // q_i: the first third of row i
+  const T* qe = q_edge + i * E_;                // q_edge[h, i, :] at qe + h RE (head-major)
+  const i64 RE = R * E_;
+  load_slots(gidx, env, i, K, M, s_idx, s_env);
+  __syncthreads();
+
+  // 1. Logits of the valid slots: one warp per slot, lanes over the columns.
+  for (int k = warp; k < K; k += NWARP) {
+    if (!(s_env[k] > (T)0)) continue;  // uniform over the warp
+    T acc[H_];
+    slot_logits(acc, qi, qkv + s_idx[k] * W3 + W_, edge + (i * K + k) * E_, qe, RE, scale, lane);
+    if (lane == 0) {
+#pragma unroll
+      for (int h = 0; h < H_; ++h) L[k * H_ + h] = acc[h] + bias[(i * K + k) * H_ + h];
+    }
+  }
+  __syncthreads();
+
+  // 2. Softmax with the envelope (as na_forward): one warp per head, lanes over the slots.
+  for (int h = warp; h < H_; h += NWARP) {
+    const T ls = logit_self[i * H_ + h];
+    T m = ls;
+#pragma unroll 1
+    for (int k = lane; k < K; k += 32)
+      if (s_env[k] > (T)0) m = max_t(m, L[k * H_ + h]);
+    m = warp_max(m);
+    T s = 0;
+#pragma unroll 1
+    for (int k = lane; k < K; k += 32) {
+      const T t = s_env[k] > (T)0 ? exp_t(L[k * H_ + h] - m) : (T)1;
+      const T u = s_env[k] * t;
+      L[k * H_ + h] = u;
+      s += u;
+    }
+    const T u_self = exp_t(ls - m);
+    const T D = u_self + warp_sum(s);
+    T sa = 0;
+#pragma unroll 1
+    for (int k = lane; k < K; k += 32) {
+      const T a = L[k * H_ + h] / D;
+      L[k * H_ + h] = a;
+      sa += a;
+    }
+    sa = warp_sum(sa);
+    if (lane == 0) {
+      row_max[i * H_ + h] = m;
+      denom[i * H_ + h] = D;
+      a_sum[i * H_ + h] = sa;
+      a_self[i * H_ + h] = u_self / D;
+    }
+  }
+  __syncthreads();
+
+  // 3. Aggregation: threads over the W value columns (one head each; coalesced reads of each
+  // gathered v row), then over the E edge columns (all heads per thread).
+  for (int c = tid; c < W_; c += NT) {
+    const int hc = c / D_;
+    T acc = 0;
+    for (int k = 0; k < K; ++k) {
+      if (s_env[k] == (T)0) continue;  // uniform over the block
+      acc += L[k * H_ + hc] * qkv[s_idx[k] * W3 + 2 * W_ + c];
+    }
+    agg_v[i * W_ + c] = acc;
+  }
+  for (int e = first_edge_column(tid); e < E_; e += NT) {
+    T acc[H_];
+#pragma unroll
+    for (int h = 0; h < H_; ++h) acc[h] = 0;
+    for (int k = 0; k < K; ++k) {
+      if (s_env[k] == (T)0) continue;
+      const T v = edge[(i * K + k) * E_ + e];
+#pragma unroll
+      for (int h = 0; h < H_; ++h) acc[h] += L[k * H_ + h] * v;
+    }
+#pragma unroll
+    for (int h = 0; h < H_; ++h) agg_edge[(i * H_ + h) * E_ + e] = acc[h];
+  }
+}
+
+// Backward. With ga[k,h] = g_v[i,h] . v_j,h + g_edge[i,h] . edge[i,k] + g_sum[i,h] and c, t, a,
+// dl as in backward_body:
+//   dqkv[i, c]          = scale sum_k dl[k, c/D] k_j[c]     (q part: plain store, block i only)
+//   dqkv[j, W + c]     += scale dl[k, c/D] q_i[c]           (k part: atomicAdd)
+//   dqkv[j, 2W + c]    += a[k, c/D] g_v[i, c]               (v part: atomicAdd)
+//   dedge[i,k] = sum_h a g_edge[i,h] + dl q_edge[h,i]       dq_edge[h,i] = sum_k dl edge[i,k]
+// dqkv must be zero on entry (rows >= R keep a zero q part). The scatters touch only columns
+// >= W, so the plain q-part stores never race with them.
+extern "C" __global__ void __launch_bounds__(NT)
+naq_backward(const T* __restrict__ g_v, const T* __restrict__ g_edge,
+             const T* __restrict__ g_sum, const T* __restrict__ g_self,
+             const T* __restrict__ qkv, const i64* __restrict__ gidx,
+             const T* __restrict__ edge, const T* __restrict__ env,
+             const T* __restrict__ q_edge, const T* __restrict__ bias,
+             const T* __restrict__ logit_self, const T* __restrict__ row_max,
+             const T* __restrict__ denom, T* __restrict__ dqkv, T* __restrict__ dedge,
+             T* __restrict__ denv, T* __restrict__ dq_edge, T* __restrict__ dbias,
+             T* __restrict__ dlogit_self, T* __restrict__ lbuf, int K, i64 M, i64 R, T scale) {
+  extern __shared__ double smem[];
+  const i64 i = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  i64* s_idx = (i64*)smem;
+  T* s_env = (T*)(s_idx + K);
+  T* s_m = s_env + K;
+  T* s_D = s_m + H_;
+  T* s_c = s_D + H_;
+  T* L = lbuf ? lbuf + i * 2 * K * H_ : s_c + H_;  // [K, H]: t, then a
+  T* G = L + K * H_;                               // [K, H]: ga, then dl
+  const T* qi = qkv + i * W3;
+  const T* gv = g_v + i * W_;
+  const T* ge = g_edge + i * H_ * E_;
+  const T* qe = q_edge + i * E_;  // q_edge[h, i, :] at qe + h RE (head-major)
+  const i64 RE = R * E_;
+  load_slots(gidx, env, i, K, M, s_idx, s_env);
+  for (int h = tid; h < H_; h += NT) {
+    s_m[h] = row_max[i * H_ + h];
+    s_D[h] = denom[i * H_ + h];
+  }
+  __syncthreads();
+
+  // 1. Per slot (one warp each): t from the recomputed logit (valid slots only), then ga.
+  // The two are done one after the other (the edge row is read twice, from L1): with both sets
+  // of H accumulators live at once ptxas spilled registers.
+  for (int k = warp; k < K; k += NWARP) {
+    const bool valid = s_env[k] > (T)0;  // uniform over the warp
+    const T* kj = qkv + s_idx[k] * W3 + W_;
+    const T* ek = edge + (i * K + k) * E_;
+    if (valid) {
+      T al[H_];
+      slot_logits(al, qi, kj, ek, qe, RE, scale, lane);
+      if (lane == 0) {
+#pragma unroll
+        for (int h = 0; h < H_; ++h)
+          L[k * H_ + h] = exp_t(al[h] + bias[(i * K + k) * H_ + h] - s_m[h]);
+      }
+    } else if (lane == 0) {
+#pragma unroll
+      for (int h = 0; h < H_; ++h) L[k * H_ + h] = 1;
+    }
+    T ag[H_];
+#pragma unroll
+    for (int h = 0; h < H_; ++h) ag[h] = 0;
+    head_dots(ag, gv, kj + W_, lane);  // v_j follows k_j
+    for (int c = lane; c < E_; c += 32) {
+      const T v = ek[c];
+#pragma unroll
+      for (int h = 0; h < H_; ++h) ag[h] += v * ge[h * E_ + c];
+    }
+#pragma unroll
+    for (int h = 0; h < H_; ++h) ag[h] = warp_sum(ag[h]);
+    if (lane == 0) {
+#pragma unroll
+      for (int h = 0; h < H_; ++h) G[k * H_ + h] = ag[h] + g_sum[i * H_ + h];
+    }
+  }
+  __syncthreads();
+
+  // 2a. c[h] and dlogit_self: one warp per head.
+  for (int h = warp; h < H_; h += NWARP) {
+    const T D = s_D[h];
+    T c = 0;
+    for (int k = lane; k < K; k += 32) c += (s_env[k] * L[k * H_ + h] / D) * G[k * H_ + h];
+    c = warp_sum(c);
+    const T as = exp_t(logit_self[i * H_ + h] - s_m[h]) / D;
+    const T gs = g_self[i * H_ + h];
+    c += as * gs;
+    if (lane == 0) {
+      s_c[h] = c;
+      dlogit_self[i * H_ + h] = as * (gs - c);
+    }
+  }
+  __syncthreads();
+
+  // 2b. Per slot: a, dl, dbias, denvelope.
+  for (int k = tid; k < K; k += NT) {
+    const T ek = s_env[k];
+    const bool valid = ek > (T)0;
+    T de = 0;
+#pragma unroll
+    for (int h = 0; h < H_; ++h) {
+      const T t = L[k * H_ + h];
+      const T D = s_D[h];
+      const T a = ek * t / D;
+      const T g = G[k * H_ + h] - s_c[h];
+      de += g * t / D;
+      const T dl = valid ? a * g : (T)0;
+      L[k * H_ + h] = a;
+      G[k * H_ + h] = dl;
+      dbias[(i * K + k) * H_ + h] = dl;
+    }
+    denv[i * K + k] = de;
+  }
+  __syncthreads();
+
+  // 3. Column passes. Token column c (head c / D): the q part of row i, and the k / v parts of
+  // each gathered row by atomicAdd (one scalar atomic per slot and part; slots with envelope 0
+  // have a = dl = 0, invalid ones dl = 0: skipped). Then edge column e: dedge and dq_edge.
+  for (int c = tid; c < W_; c += NT) {
+    const int hc = c / D_;
+    const T sq = scale * qi[c];
+    const T g = gv[c];
+    T dq = 0;
+    for (int k = 0; k < K; ++k) {
+      const T ek = s_env[k];
+      if (ek == (T)0) continue;  // uniform over the block
+      T* dj = dqkv + s_idx[k] * W3;        // row j of dqkv
+      const T* kj = qkv + s_idx[k] * W3 + W_;  // k_j
+      if (ek > (T)0) {
+        const T dl = G[k * H_ + hc];
+        dq += dl * kj[c];
+        atomicAdd(dj + W_ + c, dl * sq);
+      }
+      atomicAdd(dj + 2 * W_ + c, L[k * H_ + hc] * g);
+    }
+    dqkv[i * W3 + c] = scale * dq;
+  }
+  for (int e = first_edge_column(tid); e < E_; e += NT) {
+    T gr[H_], qr[H_], dq[H_];
+#pragma unroll
+    for (int h = 0; h < H_; ++h) {
+      gr[h] = ge[h * E_ + e];
+      qr[h] = qe[h * RE + e];
+      dq[h] = 0;
+    }
+    for (int k = 0; k < K; ++k) {
+      T s = 0;
+      if (s_env[k] != (T)0) {
+        const T v = edge[(i * K + k) * E_ + e];
+#pragma unroll
+        for (int h = 0; h < H_; ++h) {
+          s += L[k * H_ + h] * gr[h] + G[k * H_ + h] * qr[h];
+          dq[h] += G[k * H_ + h] * v;
+        }
+      }
+      dedge[(i * K + k) * E_ + e] = s;
+    }
+#pragma unroll
+    for (int h = 0; h < H_; ++h) dq_edge[(h * R + i) * E_ + e] = dq[h];
+  }
 }

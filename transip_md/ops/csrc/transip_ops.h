@@ -69,6 +69,34 @@ std::vector<Tensor> backward_cpu(const Dims& d, const Tensor& g_tok, const Tenso
                                  const Tensor& logit_self, const Tensor& row_max,
                                  const Tensor& denom);
 
+// ---- neighbor_attention_qkv: the per-token key/value form (issue #16, memory and FLOPs) ----
+// Inputs: qkv [M, 3W] (row j: q_j | k_j | v_j, head h owning columns h*D..h*D+D-1 of each
+// third, D = W / H; only rows < R need q), gather_index [R, K], edge [R, K, E], envelope
+// [R, K], q_edge [H, R, E] (head-major), bias [R, K, H], logit_self [R, H], scale (double):
+//   l[i,k,h] = scale * q_i,h . k_{idx[i,k]},h + edge[i,k] . q_edge[h,i] + bias[i,k,h]
+//   softmax with envelope weights and the self slot exactly as neighbor_attention
+//   agg_v[i, h*D + c] = sum_k a[i,k,h] v_{idx[i,k]},h[c]     agg_edge, a_sum, a_self as before
+// Per edge it costs ~2W + 2HE multiply-adds (the folded form: 2HW + 2HE) and it keeps no
+// [R, H, W] tensor. Dims.W is the token width (qkv has 3W columns).
+Dims check_inputs_qkv(const char* op, const Tensor& qkv, const Tensor& gather_index,
+                      const Tensor& edge, const Tensor& envelope, const Tensor& q_edge,
+                      const Tensor& bias, const Tensor& logit_self);
+
+// Forward: {agg_v [R, W], agg_edge [R, H, E], a_sum, a_self, row_max, denom}.
+std::vector<Tensor> forward_qkv_cpu(const Dims& d, const Tensor& qkv, const Tensor& gather_index,
+                                    const Tensor& edge, const Tensor& envelope,
+                                    const Tensor& q_edge, const Tensor& bias,
+                                    const Tensor& logit_self, double scale);
+
+// Backward: {dqkv [M, 3W], dedge, denvelope, dq_edge [H, R, E], dbias, dlogit_self}.
+std::vector<Tensor> backward_qkv_cpu(const Dims& d, const Tensor& g_v, const Tensor& g_edge,
+                                     const Tensor& g_sum, const Tensor& g_self,
+                                     const Tensor& qkv, const Tensor& gather_index,
+                                     const Tensor& edge, const Tensor& envelope,
+                                     const Tensor& q_edge, const Tensor& bias,
+                                     const Tensor& logit_self, const Tensor& row_max,
+                                     const Tensor& denom, double scale);
+
 // True when the library was compiled with its CUDA part (NVRTC + driver API).
 bool built_with_cuda();
 
@@ -84,6 +112,17 @@ std::vector<Tensor> backward_cuda(const Dims& d, const Tensor& g_tok, const Tens
                                   const Tensor& q_edge, const Tensor& bias,
                                   const Tensor& logit_self, const Tensor& row_max,
                                   const Tensor& denom);
+std::vector<Tensor> forward_qkv_cuda(const Dims& d, const Tensor& qkv,
+                                     const Tensor& gather_index, const Tensor& edge,
+                                     const Tensor& envelope, const Tensor& q_edge,
+                                     const Tensor& bias, const Tensor& logit_self, double scale);
+std::vector<Tensor> backward_qkv_cuda(const Dims& d, const Tensor& g_v, const Tensor& g_edge,
+                                      const Tensor& g_sum, const Tensor& g_self,
+                                      const Tensor& qkv, const Tensor& gather_index,
+                                      const Tensor& edge, const Tensor& envelope,
+                                      const Tensor& q_edge, const Tensor& bias,
+                                      const Tensor& logit_self, const Tensor& row_max,
+                                      const Tensor& denom, double scale);
 // Compiles the kernels with NVRTC for `arch` (e.g. 90) without needing a GPU; returns a line
 // naming the NVRTC library used and the binary size, plus ptxas' register report when
 // `verbose` (errors carry NVRTC's log).
