@@ -283,3 +283,24 @@ def test_evaluate_exported_file_matches_its_checkpoint(tmp_path):
     assert a["per_source"].keys() == b["per_source"].keys() and b["frames"] == 7
     for key in ("energy_mev_per_atom", "force_relative"):
         assert abs(a["equivariance_error"][key] - b["equivariance_error"][key]) < 1e-6
+
+
+def test_exported_parameters_are_frozen_and_forces_still_flow(exported_tiny64):
+    """Exported parameters carry requires_grad=False (no weight-gradient bookkeeping in
+    engines), and the forces are still -dE/dx: a central finite difference of the energy
+    along one coordinate matches."""
+    model = load_exported(exported_tiny64)
+    assert not any(p.requires_grad for p in model.parameters())
+    atoms = molecule("CH3CH2OH")
+    positions, numbers, cell, pbc = system_tensors(atoms)
+    charge, spin = torch.tensor(0), torch.tensor(1)
+    forces = model.compute(positions, numbers, cell, pbc, charge, spin, True, False)["forces"]
+    h = 1e-5
+    shifted = []
+    for sign in (1.0, -1.0):
+        p = positions.clone()
+        p[2, 1] += sign * h
+        shifted.append(float(model.energy(p, numbers, cell, pbc, charge, spin)))
+    numeric = -(shifted[0] - shifted[1]) / (2 * h)
+    assert abs(float(forces[2, 1]) - numeric) <= 1e-6 * max(1.0, abs(numeric))
+    assert not any(p.grad is not None for p in model.parameters())
