@@ -76,6 +76,7 @@ step_b() {
     for dt in float64 float32; do
         runs+=" nve-openmm-graphs-$dt-192 nve-openmm-nographs-$dt-192 nve-lammps-cuda-$dt-192 nve-ase-cuda-$dt-192"
     done
+    runs+=" nve-lammps-cuda-float64-192-seed1 nve-lammps-cuda-float64-192-seed2"
     export LONGRUN_RUNS=${LONGRUN_RUNS:-"$runs soak-openmm-graphs-1536 soak-lammps-cuda-1536"}
     LONGRUN_BUDGET_S=${LONGRUN_BUDGET_S:-600} \
         LONGRUN_BEFORE_START=${LONGRUN_BEFORE_START-"bash benchmarks/gpu_block.sh b-clean $OUT"} \

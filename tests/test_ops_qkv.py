@@ -216,6 +216,91 @@ def test_layer_scripts_and_switch_keeps_parameters():
         use_fused_attention(copy.deepcopy(ref), form="flash")
 
 
+# ----------------------------------------------------------------------------- edge encoder
+def _encoders(dtype=torch.float64):
+    from transip_md.model.fused_attention import FusedEdgeEncoder
+    from transip_md.model.transformer import EdgeEncoder
+
+    torch.manual_seed(1)
+    ref = EdgeEncoder(named_config("tiny")).to(dtype)
+    fused = copy.deepcopy(ref)
+    fused.__class__ = FusedEdgeEncoder
+    return ref, fused
+
+
+def _edge_inputs(dtype=torch.float64, device="cpu", shape=(7, 5)):
+    g = torch.Generator().manual_seed(4)
+    vec = (torch.randn(*shape, 3, generator=g, dtype=torch.float64) * 2.0).to(device=device, dtype=dtype)
+    return vec
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_edge_encoder_equals_reference_encoder(dtype):
+    """Values and d/dvec (through the distance too, as the network uses it)."""
+    ref, fused = _encoders(dtype)
+    outs = []
+    for enc in (ref, fused):
+        vec = _edge_inputs(dtype).requires_grad_(True)
+        y = enc(vec, torch.linalg.norm(vec, dim=-1))
+        (g,) = torch.autograd.grad((y * y.detach().cos()).sum(), [vec])
+        outs.append((y.detach(), g))
+    for name, a, b in zip(("edge", "d/dvec"), outs[1], outs[0]):
+        assert rel_err(a, b) < TOL[dtype], f"{name}: {rel_err(a, b):.2e}"
+
+
+def test_edge_encoder_gradcheck_and_gradgradcheck():
+    ref, _ = _encoders()
+    first, second = ref.mlp[0], ref.mlp[2]
+    vec = _edge_inputs(shape=(3, 2)).requires_grad_(True)
+    dist = torch.linalg.norm(vec, dim=-1).detach().requires_grad_(True)
+    leaves = [t.detach().clone().requires_grad_(True)
+              for t in (ref.centers, first.weight, first.bias, second.weight, second.bias)]
+
+    def fn(d, v, c, w1, b1, w2, b2):
+        return torch.ops.transip_ops.edge_encoder(d, v, c, ref.gamma, 1.0 / ref.cutoff,
+                                                  w1, b1, w2, b2)
+
+    assert torch.autograd.gradcheck(fn, (dist, vec, *leaves), eps=1e-6, atol=1e-8, rtol=1e-6)
+    # the backward recomputes with ATen operators, so second derivatives (training) are exact
+    assert torch.autograd.gradgradcheck(fn, (dist, vec, *leaves), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_edge_encoder_keeps_only_its_inputs():
+    """The point of the op: autograd keeps the inputs (distance, vec, weights), not the [.., E]
+    activations that the reference encoder keeps for its backward."""
+    ref, fused = _encoders()
+    for enc in (ref, fused):
+        for p in enc.parameters():
+            p.requires_grad_(False)  # as in an exported file
+
+    def saved_bytes(enc):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        vec = _edge_inputs(shape=(400, 30)).requires_grad_(True)
+        distance = torch.linalg.norm(vec, dim=-1)  # outside: only the encoder's own saves
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            enc(vec, distance)
+        return total[0]
+
+    edge_bytes = 400 * 30 * named_config("tiny").edge_width * 8
+    assert saved_bytes(ref) >= 2 * edge_bytes  # both SiLU pre-activations at least
+    assert saved_bytes(fused) < 0.5 * edge_bytes
+
+
+def test_fused_qkv_switch_covers_the_edge_encoder():
+    from conftest import make_potential
+    from transip_md.model.fused_attention import FusedEdgeEncoder
+
+    ref = make_potential()
+    assert type(use_fused_attention(copy.deepcopy(ref), form="qkv").network.edge_encoder) is FusedEdgeEncoder
+    folded = use_fused_attention(copy.deepcopy(ref), form="folded")
+    assert type(folded.network.edge_encoder) is not FusedEdgeEncoder
+
+
 # ----------------------------------------------------------------------------- CUDA
 GPU_SHAPES = dict(SHAPES)
 # K * H too large for the kernels' shared memory (global scratch path), and TransIP-S's sizes.
@@ -242,6 +327,22 @@ def test_cuda_matches_reference(shape, dtype):
     for name in FLOAT_ARGS:
         a, b = got_grads[name].cpu().double(), want_grads[name]
         assert rel_err(a, b) < GPU_TOL[dtype], f"d/d{name}: {rel_err(a, b):.2e}"
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cuda_edge_encoder_equals_reference(dtype):
+    ref, fused = _encoders(dtype)
+    ref, fused = ref.cuda(), fused.cuda()
+    outs = []
+    for enc in (ref, fused):
+        vec = _edge_inputs(dtype, "cuda", shape=(300, 40)).requires_grad_(True)
+        y = enc(vec, torch.linalg.norm(vec, dim=-1))
+        (g,) = torch.autograd.grad((y * y.detach().cos()).sum(), [vec])
+        outs.append((y.detach(), g))
+    for name, a, b in zip(("edge", "d/dvec"), outs[1], outs[0]):
+        assert rel_err(a, b) < GPU_TOL[dtype], f"{name}: {rel_err(a, b):.2e}"
 
 
 @needs_gpu

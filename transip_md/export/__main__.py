@@ -23,8 +23,9 @@ Python door, the ASE calculator and OpenMM do it themselves; the LAMMPS plugin a
 program use TRANSIP_OPS_LIBRARY or the library path compiled into them. The check compares a
 fused export with the eager reference model. Training always runs the reference path.
 --kernels fused-qkv is the same with the per-token key/value operator
-transip_ops::neighbor_attention_qkv (8x fewer multiply-adds per neighbour on the token side,
-three quarters of the peak memory of fused; benchmarks/memory_profile.py); its CUDA kernels are
+transip_ops::neighbor_attention_qkv (8x fewer multiply-adds per neighbour on the token side)
+and the edge encoder through transip_ops::edge_encoder (recomputed in the backward): 0.6x the
+peak memory of fused (benchmarks/memory_profile.py); its CUDA attention kernels are
 compiled but, as of 2026-12-01, not yet run on a GPU, so prefer fused on GPUs until the
 GPU tests (tests/test_ops_qkv.py) have passed there.
 """

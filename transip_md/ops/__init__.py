@@ -41,6 +41,11 @@ same layer function; :class:`transip_md.model.fused_attention.FusedQKVAttentionL
 First derivatives with respect to qkv (its q columns for rows < R, k and v columns scattered to
 the neighbours' rows), edge, envelope, q_edge, bias and logit_self; no double backward.
 
+``torch.ops.transip_ops.edge_encoder(distance, vec, centers, gamma, inv_cutoff, w1, b1, w2, b2)``
+is :class:`transip_md.model.transformer.EdgeEncoder` (radial basis + two Linear/SiLU layers)
+with its activations recomputed in the backward instead of kept; ATen operators only, so the
+same code runs on every device, and derivatives to any order.
+
 Two CUDA backward kernels exist for ``neighbor_attention``: the default (``scalar``: one atomic add per column of the
 scattered token gradient) and ``vector`` (float4/float2 atomics and 16-byte loads, float32 on
 sm_90+), chosen by ``TRANSIP_OPS_BACKWARD`` or ``torch.ops.transip_ops.cuda_backward_variant``.

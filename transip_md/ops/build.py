@@ -34,7 +34,7 @@ LIBRARY_FILENAME = "libtransip_ops.so"
 CSRC = Path(__file__).resolve().parent / "csrc"
 #: C++ compiled always / only with the CUDA part; the kernel text embedded in the latter.
 CPU_SOURCES = ("neighbor_attention.cpp", "neighbor_attention_cpu.cpp",
-               "neighbor_attention_qkv_cpu.cpp")
+               "neighbor_attention_qkv_cpu.cpp", "edge_encoder.cpp")
 CUDA_SOURCES = ("neighbor_attention_cuda.cpp",)
 KERNEL_SOURCE = "neighbor_attention_kernels.cu"
 HEADERS = ("transip_ops.h", "neighbor_softmax_cpu.h")
