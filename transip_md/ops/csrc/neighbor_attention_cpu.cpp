@@ -13,20 +13,10 @@
 namespace transip_ops {
 namespace {
 
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
-  return s;
-}
+using cpu::axpy;
+using cpu::dot;
+using cpu::kRowGrain;
 
-template <typename T>
-inline void axpy(T alpha, const T* x, T* y, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) y[c] += alpha * x[c];
-}
-
-// Rows per task: a row costs ~K*H*(W+E) multiply-adds, so a few rows already amortise the task.
-constexpr int64_t kRowGrain = 8;
 
 template <typename T>
 void forward_rows(const Dims& d, const T* X, const int64_t* I, const T* EDGE, const T* ENV,

@@ -18,19 +18,10 @@
 namespace transip_ops {
 namespace {
 
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
-  return s;
-}
+using cpu::axpy;
+using cpu::dot;
+using cpu::kRowGrain;
 
-template <typename T>
-inline void axpy(T alpha, const T* x, T* y, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) y[c] += alpha * x[c];
-}
-
-constexpr int64_t kRowGrain = 8;
 
 // Row views of qkv [M, 3W]: q, k and v of row j, head h (D columns each).
 template <typename T>

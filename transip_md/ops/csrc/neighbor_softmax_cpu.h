@@ -1,7 +1,8 @@
-// The per-row softmax of both CPU operators (neighbor_attention_cpu.cpp,
-// neighbor_attention_qkv_cpu.cpp): the envelope-weighted softmax over a row's K slots and its
-// self slot, and its backward to the logits. Only the logits and the aggregated values differ
-// between the two operators; this part is one function, written once.
+// What both CPU attention operators share (neighbor_attention_cpu.cpp,
+// neighbor_attention_qkv_cpu.cpp): the row loops' small vector helpers and task grain, and the
+// per-row softmax: the envelope-weighted softmax over a row's K slots and its self slot, and
+// its backward to the logits. Only the logits and the aggregated values differ between the
+// two operators; this part is written once.
 #pragma once
 
 #include <algorithm>
@@ -10,6 +11,21 @@
 
 namespace transip_ops {
 namespace cpu {
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
+  return s;
+}
+
+template <typename T>
+inline void axpy(T alpha, const T* x, T* y, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) y[c] += alpha * x[c];
+}
+
+// Rows per task: a row costs ~K*H*(W+E) multiply-adds, so a few rows already amortise the task.
+constexpr int64_t kRowGrain = 8;
 
 // weight [K, H]: in, the logits of the valid slots (envelope > 0; the others are not read);
 // out, the normalised weights a. ls, row_max, denom, a_sum, a_self: the row's [H] entries.
