@@ -106,8 +106,8 @@ step_b_clean() {  # called by long_runs.sh after its setup, before the long runs
     rm -rf "$OUT/tbench"
     [[ ${GPU_BLOCK_LAMMPS_BENCH:-1} == 1 ]] || return 0
     local plugin; plugin=$(python3 -m transip_md.lammps build 2>/dev/null | tail -1)
-    log "LAMMPS device cuda, reference vs fused (plugin $plugin)"
-    timeout 200 python3 benchmarks/gpu_bench.py --parts lammps --kernels reference,fused \
+    log "LAMMPS device cuda, ${GPU_BLOCK_LAMMPS_KERNELS:-reference,fused-qkv} (plugin $plugin)"
+    timeout 200 python3 benchmarks/gpu_bench.py --parts lammps --kernels ${GPU_BLOCK_LAMMPS_KERNELS:-reference,fused-qkv} \
         --lammps-sizes 1536 24576 --lammps-steps 40 --lammps-timeout 90 --lmp "$(command -v lmp || echo /tmp/lmp/lib/python3.12/site-packages/lammps/lmp)" \
         --plugin "$plugin" --out "$OUT/lbench" 2>&1 | grep -v "^{" | tail -20
     cp "$OUT/lbench/gpu_bench.json" "$OUT/gpu_bench_lammps_h200.json" 2>/dev/null

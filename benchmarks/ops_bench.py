@@ -14,7 +14,9 @@ valid, the rest padding), forward alone and forward + backward (the gradient an 
 * ``layer`` : one whole AttentionLayer (reference) vs FusedAttentionLayer (the same parameters,
               the op inside; transip_md/model/fused_attention.py) and FusedQKVAttentionLayer
               (``fused-qkv``: neighbor_attention_qkv, the per-token key/value form), gradient
-              w.r.t. h and edge.
+              w.r.t. h and edge; on CUDA ``fused-qkv`` is its default backward (gather: the
+              k / v gradients summed per row, no atomics) and ``fused-qkv-atomic`` the scatter
+              with atomicAdd (torch.ops.transip_ops.cuda_qkv_backward_variant).
 
 Each timing is the median of --repeat runs after --warmup runs (CUDA events on a GPU), with the
 peak memory allocated during one run. Before timing, the outputs and gradients are compared
@@ -156,20 +158,32 @@ def bench_layer(R, M, K, valid, dtype, device, timer, warmup, repeat):
     fused.__class__ = FusedAttentionLayer
     fused_qkv = copy.deepcopy(ref)
     fused_qkv.__class__ = FusedQKVAttentionLayer
-    layers = (("reference", ref), ("fused", fused), ("fused-qkv", fused_qkv))
+    layers = [("reference", ref, None), ("fused", fused, None), ("fused-qkv", fused_qkv, "gather")]
+    switch = getattr(torch.ops.transip_ops, "cuda_qkv_backward_variant", None)
+    if device.type == "cuda" and switch is not None:
+        layers.append(("fused-qkv-atomic", fused_qkv, "atomic"))
+    default = switch() if switch is not None and device.type == "cuda" else None
+
+    def use(variant):
+        if variant is not None and default is not None:
+            switch(variant)
+
     a = op_inputs(R, M, K, valid, cfg.width, cfg.heads, cfg.edge_width, dtype, device)
     nbr = torch.where(a["envelope"] > 0, a["gather_index"], torch.full_like(a["gather_index"], M))
     h = torch.randn(M, cfg.width, device=device, dtype=dtype, requires_grad=True)
     edge = a["edge"].clone().requires_grad_(True)
     env = a["envelope"]
     outs = {}
-    for name, layer in layers:
+    for name, layer, variant in layers:
+        use(variant)
         y = layer(h, nbr, edge, env)
         outs[name] = [y.detach()] + list(torch.autograd.grad(y.sum(), (h, edge)))
     errs = {name: max(rel(x, y) for x, y in zip(outs[name], outs["reference"]))
-            for name, _ in layers[1:]}
+            for name, _, _ in layers[1:]}
     rows = {}
-    for name, layer in layers:
+    for name, layer, variant in layers:
+        use(variant)
+
         def fwd():
             with torch.no_grad():
                 layer(h, nbr, edge, env)
@@ -179,6 +193,7 @@ def bench_layer(R, M, K, valid, dtype, device, timer, warmup, repeat):
 
         rows[name] = {"forward_ms": timer(fwd, warmup, repeat),
                       "forward_backward_ms": timer(fwd_bwd, warmup, repeat)}
+    use(default)
     return rows, errs
 
 

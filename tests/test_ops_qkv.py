@@ -40,7 +40,7 @@ def library():
 
 
 def make_inputs(R=5, M=7, K=6, W=16, H=2, E=4, dtype=torch.float64, device="cpu", seed=0,
-                padded=2, all_valid=False):
+                padded=2, all_valid=False, negative_envelope=False):
     """Random inputs shaped like a layer's: rows >= R are ghosts (keys/values only); each row's
     last ``padded`` slots are padding (own index, envelope 0); neighbours repeat across rows
     and within a row (the scatter must add, not overwrite)."""
@@ -53,6 +53,8 @@ def make_inputs(R=5, M=7, K=6, W=16, H=2, E=4, dtype=torch.float64, device="cpu"
     if not all_valid and padded:
         idx[:, K - padded:] = torch.arange(R).unsqueeze(1)
         envelope[:, K - padded:] = 0.0
+    if negative_envelope:  # invalid slot (no logit) whose weight env / D is still nonzero
+        envelope[:, 2] = -0.3
     args = dict(qkv=rand(M, 3 * W) * 1.5, gather_index=idx, edge=rand(R, K, E),
                 envelope=envelope, q_edge=rand(H, R, E), bias=rand(R, K, H),
                 logit_self=rand(R, H) * 2)
@@ -311,13 +313,25 @@ GPU_SHAPES["s_sizes"] = dict(R=64, M=96, K=48, W=256, H=8, E=64, padded=8)
 GPU_SHAPES["wide"] = dict(R=3, M=10, K=20, W=320, H=5, E=7, padded=4)
 GPU_SHAPES["d48"] = dict(R=6, M=9, K=12, W=384, H=8, E=16, padded=3)
 GPU_SHAPES["many_heads"] = dict(R=5, M=8, K=10, W=64, H=16, E=3, padded=2)
+GPU_SHAPES["negative_envelope"] = dict(R=7, M=15, K=9, W=32, H=4, E=6, padded=2,
+                                       negative_envelope=True)
+
+
+@pytest.fixture(params=["gather", "atomic"])
+def qkv_backward(request):
+    """Runs a CUDA test with each way of forming the k / v gradients (the default restored)."""
+    switch = torch.ops.transip_ops.cuda_qkv_backward_variant
+    before = switch()
+    switch(request.param)
+    yield request.param
+    switch(before)
 
 
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))
-def test_cuda_matches_reference(shape, dtype):
+def test_cuda_matches_reference(shape, dtype, qkv_backward):
     args = make_inputs(dtype=dtype, device="cuda", **GPU_SHAPES[shape])
     cpu64 = make_inputs(dtype=torch.float64, **GPU_SHAPES[shape])
     got, got_grads = grads_of(op, args)
@@ -327,6 +341,19 @@ def test_cuda_matches_reference(shape, dtype):
     for name in FLOAT_ARGS:
         a, b = got_grads[name].cpu().double(), want_grads[name]
         assert rel_err(a, b) < GPU_TOL[dtype], f"d/d{name}: {rel_err(a, b):.2e}"
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_cuda_gather_backward_is_deterministic_and_default():
+    """The default (gather) backward sums every row's k / v gradient in slot order: two calls
+    give the same bits, where the atomic scatter's order varies from run to run."""
+    assert torch.ops.transip_ops.cuda_qkv_backward_variant() == "gather"
+    args = make_inputs(dtype=torch.float32, device="cuda", **GPU_SHAPES["s_sizes"])
+    _, first = grads_of(op, args)
+    _, second = grads_of(op, args)
+    for name in FLOAT_ARGS:
+        assert torch.equal(first[name], second[name]), name
 
 
 @needs_gpu
@@ -364,8 +391,14 @@ def test_cuda_layer_and_graph_capture():
         (gh,) = torch.autograd.grad((y * y).sum(), [h])
         return y.detach(), gh
 
-    want_y = ref(h, nbr, edge, env)
-    (want_g,) = torch.autograd.grad((want_y * want_y).sum(), [h])
+    # The reference runs on a copy of h and its graph is dropped before the capture: a graph
+    # kept alive from the default stream would make the captured backward wait on that stream
+    # (autograd's AccumulateGrad stream sync), which invalidates the capture.
+    h_ref = h.detach().clone().requires_grad_(True)
+    want_y = ref(h_ref, nbr, edge, env)
+    (want_g,) = torch.autograd.grad((want_y * want_y).sum(), [h_ref])
+    want_y = want_y.detach()
+    del h_ref
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -377,4 +410,4 @@ def test_cuda_layer_and_graph_capture():
         y, gh = step()
     graph.replay()
     torch.cuda.synchronize()
-    assert rel_err(y, want_y.detach()) < 2e-5 and rel_err(gh, want_g) < 2e-5
+    assert rel_err(y, want_y) < 2e-5 and rel_err(gh, want_g) < 2e-5

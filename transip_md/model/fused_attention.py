@@ -123,10 +123,14 @@ class FusedQKVAttentionLayer(AttentionLayer):
         w_ek, w_ev, w_eb = self.edge_proj.weight.split([W, W, H], dim=0)
         b_ek, b_ev, b_eb = self.edge_proj.bias.split([W, W, H], dim=0)
         s_k, s_v = self.self_kv.chunk(2)
-        q_edge = torch.bmm(q.transpose(0, 1), w_ek.view(H, D, E))  # [H, R, E], contiguous
-        # bk is inside k_j; the edge key's bias bek and the per-head bias stay in `bias`.
-        q_bias = (q * b_ek.view(H, D)).sum(-1)  # [R, H]
-        bias = nn.functional.linear(edge, w_eb, b_eb) + q_bias.unsqueeze(1)  # [R, K, H]
+        # The edge's own logit bias e . w_eb[h] is linear in e like the edge key's term
+        # e . (Wek_h^T q_h), so it folds into q_edge too (+ w_eb[h] for every row): the
+        # operator's dedge then already holds its gradient, where a separate [R, K, H] linear
+        # of the edges would cost a product and an [R, K, E] gradient add per layer.
+        q_edge = torch.baddbmm(w_eb.unsqueeze(1), q.transpose(0, 1), w_ek.view(H, D, E))  # [H, R, E]
+        # bk is inside k_j; what is left of the bias is per row and head (q . bek_h + beb_h).
+        q_bias = (q * b_ek.view(H, D)).sum(-1) + b_eb  # [R, H]
+        bias = q_bias.unsqueeze(1).expand(n_rows, nbr_index.shape[1], H)  # [R, K, H]
         k_self = qkv[:n_rows, W:2 * W] + s_k
         v_self = (qkv[:n_rows, 2 * W:] + s_v).view(n_rows, H, D)
         logit_self = (q * k_self.view(n_rows, H, D)).sum(-1)  # [R, H]

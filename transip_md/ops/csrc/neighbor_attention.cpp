@@ -568,6 +568,8 @@ TORCH_LIBRARY(transip_ops, m) {
         "bool verbose=False) -> str",
         &transip_ops::nvrtc_check);
   m.def("cuda_backward_variant(str set=\"\") -> str", &transip_ops::cuda_backward_variant);
+  m.def("cuda_qkv_backward_variant(str set=\"\") -> str",
+        &transip_ops::cuda_qkv_backward_variant);
 #endif
 }
 

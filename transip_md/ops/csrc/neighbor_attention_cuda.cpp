@@ -277,11 +277,12 @@ struct Kernels {
   CUfunction backward_scalar = nullptr;  // na_backward_scalar (the original kernel)
   CUfunction qkv_forward = nullptr;      // naq_forward (neighbor_attention_qkv)
   CUfunction qkv_backward = nullptr;     // naq_backward
+  CUfunction qkv_backward_kv = nullptr;  // naq_backward_kv (the gather variant's k / v parts)
 };
 
 // Every kernel of the text; nvrtc_check confirms each is in the compiled binary.
 const char* const kKernelFunctions[] = {"na_forward", "na_backward", "na_backward_scalar",
-                                        "naq_forward", "naq_backward"};
+                                        "naq_forward", "naq_backward", "naq_backward_kv"};
 
 // Which backward kernel runs: TRANSIP_OPS_BACKWARD=scalar (default) or vector, read once.
 // Measured on the H200 (2026-12-01, R=24576, K=96, W=256, H=8, float32, op forward+backward):
@@ -302,6 +303,28 @@ std::atomic<int>& variant_slot() {
   static std::atomic<int> v{[] {
     const char* env = std::getenv("TRANSIP_OPS_BACKWARD");
     return env && *env ? parse_variant(env, "TRANSIP_OPS_BACKWARD") : int(kVariantScalar);
+  }()};
+  return v;
+}
+
+// How the qkv backward forms the k / v parts of dqkv: TRANSIP_OPS_QKV_BACKWARD=atomic
+// (naq_backward scatters them with 2 W scalar atomicAdds per slot) or gather (the default: a
+// stable sort of the gather index lists, per row j, the slots that gathered it, and
+// naq_backward_kv sums over them: no atomics, deterministic). Read once;
+// transip_ops::cuda_qkv_backward_variant switches it (tests, A/B benchmarks).
+enum QkvVariant : int { kQkvAtomic = 0, kQkvGather = 1 };
+
+int parse_qkv_variant(const std::string& v, const char* where) {
+  if (v == "gather") return kQkvGather;
+  if (v == "atomic") return kQkvAtomic;
+  TORCH_CHECK(false, cat("transip_ops: ", where, " must be 'gather' or 'atomic'; got '", v, "'"));
+  return kQkvGather;
+}
+
+std::atomic<int>& qkv_variant_slot() {
+  static std::atomic<int> v{[] {
+    const char* env = std::getenv("TRANSIP_OPS_QKV_BACKWARD");
+    return env && *env ? parse_qkv_variant(env, "TRANSIP_OPS_QKV_BACKWARD") : int(kQkvGather);
   }()};
   return v;
 }
@@ -362,6 +385,8 @@ const Kernels& kernels(int device, at::ScalarType dtype, int64_t W, int64_t H, i
   TRANSIP_CU_CHECK(d.module_get_function(&k.qkv_forward, module, "naq_forward"),
                    "cuModuleGetFunction");
   TRANSIP_CU_CHECK(d.module_get_function(&k.qkv_backward, module, "naq_backward"),
+                   "cuModuleGetFunction");
+  TRANSIP_CU_CHECK(d.module_get_function(&k.qkv_backward_kv, module, "naq_backward_kv"),
                    "cuModuleGetFunction");
   return cache[key] = k;  // the module stays loaded for the process's lifetime
 }
@@ -554,8 +579,12 @@ std::vector<Tensor> backward_qkv_cuda(const Dims& d, const Tensor& g_v, const Te
   make_context_current(device);
   const Kernels& k = kernels(device, qkv.scalar_type(), d.W, d.H, d.E);
   auto opt = qkv.options();
-  // Zeroed: the k / v parts are scattered into with atomicAdd, and rows >= R have no q part.
-  Tensor dqkv = at::zeros({d.M, 3 * d.W}, opt);
+  const bool gather = qkv_variant_slot().load() == kQkvGather;
+  // atomic: zeroed, the k / v parts are scattered into and rows >= R have no q part. gather:
+  // naq_backward writes the q part of rows < R, naq_backward_kv the k / v parts of every row.
+  Tensor dqkv = gather ? at::empty({d.M, 3 * d.W}, opt) : at::zeros({d.M, 3 * d.W}, opt);
+  if (gather && d.M > d.R) dqkv.narrow(0, d.R, d.M - d.R).narrow(1, 0, d.W).zero_();
+  Tensor aw = gather ? at::empty({d.R, d.K, d.H}, opt) : Tensor();
   Tensor dedge = at::empty({d.R, d.K, d.E}, opt);
   Tensor denv = at::empty({d.R, d.K}, opt);
   Tensor dqe = at::empty({d.H, d.R, d.E}, opt);  // head-major, as q_edge
@@ -570,22 +599,42 @@ std::vector<Tensor> backward_qkv_cuda(const Dims& d, const Tensor& g_v, const Te
        *pb = bias.data_ptr(), *pls = logit_self.data_ptr(), *pm = row_max.data_ptr(),
        *pD = denom.data_ptr(), *o0 = dqkv.data_ptr(), *o1 = dedge.data_ptr(),
        *o2 = denv.data_ptr(), *o3 = dqe.data_ptr(), *o4 = dbias.data_ptr(),
-       *o5 = dls.data_ptr(), *pl = plan.scratch ? scratch.data_ptr() : nullptr;
+       *o5 = dls.data_ptr(), *pl = plan.scratch ? scratch.data_ptr() : nullptr,
+       *pa = gather ? aw.data_ptr() : nullptr;
   int K = static_cast<int>(d.K);
   long long M = d.M, R = d.R;
   ScaleArg sc{static_cast<float>(scale), scale};
   std::vector<void*> args = {arg(pgv), arg(pge), arg(pgs), arg(pgself), arg(pq), arg(pi),
                              arg(pe),  arg(pv),  arg(pqe), arg(pb),     arg(pls), arg(pm),
                              arg(pD),  arg(o0),  arg(o1),  arg(o2),     arg(o3), arg(o4),
-                             arg(o5),  arg(pl),  arg(K),   arg(M),      arg(R),
+                             arg(o5),  arg(pl),  arg(pa),  arg(K),      arg(M),  arg(R),
                              sc.ptr(qkv.scalar_type())};
   launch(k.qkv_backward, device, d.R, plan.bytes, args);
+  if (gather) {
+    // Slots by the row they gathered, in slot order within a row (stable sort). Slots with
+    // envelope 0 add nothing (a = dl = 0): keyed M, they sort past every row's range.
+    // int32 keys sort faster (radix passes); rows are launched as int32 grid sizes anyway.
+    TORCH_CHECK(d.M < 0x7fffffff, cat(op, ": too many rows for one launch (", d.M, ")"));
+    Tensor key = at::where(envelope.ne(0), gather_index, d.M).reshape({-1}).to(at::kInt);
+    auto sorted = at::sort(key, std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
+    Tensor order = std::get<1>(sorted);
+    Tensor ptr = at::searchsorted(std::get<0>(sorted), at::arange(d.M + 1, key.options()));
+    void *pdl = dbias.data_ptr(), *pord = order.data_ptr(), *pptr = ptr.data_ptr();
+    std::vector<void*> kv_args = {arg(pq),  arg(pgv), arg(pdl), arg(pa), arg(pord),
+                                  arg(pptr), arg(o0),  arg(K),   sc.ptr(qkv.scalar_type())};
+    launch(k.qkv_backward_kv, device, d.M, 0, kv_args);
+  }
   return {dqkv, dedge, denv, dqe, dbias, dls};
 }
 
 std::string cuda_backward_variant(std::string set) {
   if (!set.empty()) variant_slot().store(parse_variant(set, "cuda_backward_variant"));
   return variant_slot().load() == kVariantVector ? "vector" : "scalar";
+}
+
+std::string cuda_qkv_backward_variant(std::string set) {
+  if (!set.empty()) qkv_variant_slot().store(parse_qkv_variant(set, "cuda_qkv_backward_variant"));
+  return qkv_variant_slot().load() == kQkvGather ? "gather" : "atomic";
 }
 
 std::string nvrtc_check(int64_t arch, std::string dtype, int64_t width, int64_t heads,

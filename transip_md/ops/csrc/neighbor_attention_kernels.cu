@@ -667,6 +667,8 @@ naq_forward(const T* __restrict__ qkv, const i64* __restrict__ gidx, const T* __
 //   dedge[i,k] = sum_h a g_edge[i,h] + dl q_edge[h,i]       dq_edge[h,i] = sum_k dl edge[i,k]
 // dqkv must be zero on entry (rows >= R keep a zero q part). The scatters touch only columns
 // >= W, so the plain q-part stores never race with them.
+// With a_out (the "gather" variant) nothing is scattered: the weights a[i,k,h] go to a_out
+// (dl already goes to dbias) and naq_backward_kv then sums the k / v parts per gathered row.
 extern "C" __global__ void __launch_bounds__(NT)
 naq_backward(const T* __restrict__ g_v, const T* __restrict__ g_edge,
              const T* __restrict__ g_sum, const T* __restrict__ g_self,
@@ -676,10 +678,12 @@ naq_backward(const T* __restrict__ g_v, const T* __restrict__ g_edge,
              const T* __restrict__ logit_self, const T* __restrict__ row_max,
              const T* __restrict__ denom, T* __restrict__ dqkv, T* __restrict__ dedge,
              T* __restrict__ denv, T* __restrict__ dq_edge, T* __restrict__ dbias,
-             T* __restrict__ dlogit_self, T* __restrict__ lbuf, int K, i64 M, i64 R, T scale) {
+             T* __restrict__ dlogit_self, T* __restrict__ lbuf, T* __restrict__ a_out, int K,
+             i64 M, i64 R, T scale) {
   extern __shared__ double smem[];
   const i64 i = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const bool scatter = a_out == nullptr;  // else naq_backward_kv gathers the k / v parts
   i64* s_idx = (i64*)smem;
   T* s_env = (T*)(s_idx + K);
   T* s_m = s_env + K;
@@ -768,6 +772,7 @@ naq_backward(const T* __restrict__ g_v, const T* __restrict__ g_edge,
       L[k * H_ + h] = a;
       G[k * H_ + h] = dl;
       dbias[(i * K + k) * H_ + h] = dl;
+      if (!scatter) a_out[(i * K + k) * H_ + h] = a;
     }
     denv[i * K + k] = de;
   }
@@ -789,9 +794,9 @@ naq_backward(const T* __restrict__ g_v, const T* __restrict__ g_edge,
       if (ek > (T)0) {
         const T dl = G[k * H_ + hc];
         dq += dl * kj[c];
-        atomicAdd(dj + W_ + c, dl * sq);
+        if (scatter) atomicAdd(dj + W_ + c, dl * sq);
       }
-      atomicAdd(dj + 2 * W_ + c, L[k * H_ + hc] * g);
+      if (scatter) atomicAdd(dj + 2 * W_ + c, L[k * H_ + hc] * g);
     }
     dqkv[i * W3 + c] = scale * dq;
   }
@@ -817,5 +822,57 @@ naq_backward(const T* __restrict__ g_v, const T* __restrict__ g_edge,
     }
 #pragma unroll
     for (int h = 0; h < H_; ++h) dq_edge[(h * R + i) * E_ + e] = dq[h];
+  }
+}
+
+// The k / v parts of dqkv without atomics (the "gather" variant of the qkv backward): one block
+// per row j of qkv (ghost rows included), threads over the W columns, summing over the slots
+// (i, k) that gathered row j. The host lists them in ascending slot order (a stable sort of the
+// gather index): order[ptr[j] .. ptr[j + 1]) are flat slot numbers i K + k.
+//   dqkv[j, W + c] = scale sum dl[i,k,c/D] q_i[c]      dqkv[j, 2W + c] = sum a[i,k,c/D] g_v[i,c]
+// The sums of naq_backward's atomics, in a fixed order (deterministic), reading the q_i and
+// g_v rows the way naq_forward reads the k_j / v_j rows. The q part is naq_backward's.
+extern "C" __global__ void __launch_bounds__(NT)
+naq_backward_kv(const T* __restrict__ qkv, const T* __restrict__ g_v, const T* __restrict__ dl,
+                const T* __restrict__ aw, const i64* __restrict__ order,
+                const i64* __restrict__ ptr, T* __restrict__ dqkv, int K, T scale) {
+  constexpr int CPT = (W_ + NT - 1) / NT;  // columns per thread
+  __shared__ i64 s_slot[NT];
+  __shared__ i64 s_row[NT];
+  const i64 j = blockIdx.x;
+  const int tid = threadIdx.x;
+  const i64 p0 = ptr[j], p1 = ptr[j + 1];
+  T dk[CPT], dv[CPT];
+#pragma unroll
+  for (int u = 0; u < CPT; ++u) dk[u] = dv[u] = 0;
+  for (i64 base = p0; base < p1; base += NT) {
+    const int n = static_cast<int>(p1 - base < NT ? p1 - base : NT);
+    __syncthreads();  // the previous chunk is done with s_slot / s_row
+    if (tid < n) {
+      const i64 s = order[base + tid];
+      s_slot[tid] = s;
+      s_row[tid] = s / K;
+    }
+    __syncthreads();
+    for (int q = 0; q < n; ++q) {
+      const i64 s = s_slot[q], i = s_row[q];
+#pragma unroll
+      for (int u = 0; u < CPT; ++u) {
+        const int c = tid + u * NT;
+        if (c < W_) {
+          const int hc = c / D_;
+          dk[u] += dl[s * H_ + hc] * qkv[i * W3 + c];
+          dv[u] += aw[s * H_ + hc] * g_v[i * W_ + c];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < CPT; ++u) {
+    const int c = tid + u * NT;
+    if (c < W_) {
+      dqkv[j * W3 + W_ + c] = scale * dk[u];
+      dqkv[j * W3 + 2 * W_ + c] = dv[u];
+    }
   }
 }

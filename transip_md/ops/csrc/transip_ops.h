@@ -132,6 +132,10 @@ std::string nvrtc_check(int64_t arch, std::string dtype, int64_t width, int64_t 
 // "scalar" (na_backward_scalar, the original; also turns off the forward's 16-byte loads).
 // Initially $TRANSIP_OPS_BACKWARD (read once); a non-empty `set` switches it. Returns it.
 std::string cuda_backward_variant(std::string set);
+// How the qkv backward forms the k / v parts: "gather" (the default: per-row sums over the
+// slots that gathered the row, no atomics) or "atomic" (scatter with atomicAdd). Initially
+// $TRANSIP_OPS_QKV_BACKWARD (read once); a non-empty `set` switches it. Returns it.
+std::string cuda_qkv_backward_variant(std::string set);
 #endif
 
 }  // namespace transip_ops
