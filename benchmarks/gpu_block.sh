@@ -13,6 +13,8 @@
 #      LAMMPS reference-vs-fused bench (LONGRUN_BEFORE_START="" skips it), then the detached
 #      long runs (NVE, soak).
 #   c: bash benchmarks/gpu_block.sh c $OUT   collect the long runs (and the study).
+#   k: bash benchmarks/gpu_block.sh k $OUT   carry .device_carry/{wheels,lammps-cp312.tar.xz}
+#      one kernel iteration alone: op tests, TransIP reference vs fused-qkv, ops_bench, LAMMPS.
 #
 # Seen 2026-12-01: 12 MD runs + 20 parallel study trainings on the one H200 slowed OpenMM with
 # CUDA graphs at 192 atoms from ~640 to ~30 steps/s and LAMMPS device cuda to ~16 ts/s: the long
@@ -62,6 +64,38 @@ step_a() {
     cp "$OUT/bench/gpu_bench.json" "$OUT/gpu_bench_h200.json" 2>/dev/null
     rm -rf "$OUT/bench"
     log "done a"
+}
+
+step_k() {
+    # A kernel iteration in one call (wheels, lammps-cp312.tar.xz carried; no MACE): the
+    # operator tests on the GPU, TransIP reference vs fused-qkv (eager, CUDA graph, profile),
+    # ops_bench, then LAMMPS device cuda with the fused-qkv export. The LAMMPS unpack and plugin
+    # build run beside the tests, before anything is timed.
+    bash benchmarks/gpu_session.sh "$OUT" none 2>&1 | tail -2
+    export LD_PRELOAD=/tmp/libnvrtc.so.12
+    python3 -m transip_md.ops build 2>&1 | tail -1
+    local lmp=/tmp/lmp sp=/tmp/lmp/lib/python3.12/site-packages
+    ( mkdir -p $lmp && tar xJf .device_carry/lammps-cp312.tar.xz -C $lmp &&
+      sed -i 's#^mpich-[0-9.]*\.data/data/#../../../#' $sp/mpich-*.dist-info/RECORD 2>/dev/null
+      PATH=$lmp/bin:$PATH LD_LIBRARY_PATH=$lmp/lib PYTHONPATH=$sp python3 -m transip_md.lammps build \
+          > "$OUT/plugin_build.log" 2>&1; echo $? > "$OUT/plugin_build.rc" ) &
+    log "neighbor_attention_qkv tests (CUDA)"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_ops_qkv.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
+    wait_for_file "$OUT/plugin_build.rc" 120
+    log "gpu_bench: TransIP reference vs fused-qkv"
+    timeout ${GPU_BENCH_TIMEOUT:-200} python3 benchmarks/gpu_bench.py --parts transip,profile \
+        --kernels reference,fused-qkv --variants fp32,graph --sizes 1536 6144 24576 98304 \
+        --out "$OUT/bench" 2>&1 | grep -v "^{" | tail -40
+    cp "$OUT/bench/gpu_bench.json" "$OUT/gpu_bench_h200.json" 2>/dev/null; rm -rf "$OUT/bench"
+    log "ops_bench"
+    timeout 70 python3 benchmarks/ops_bench.py --dtype float32 --json "$OUT/ops_bench_h200.json" 2>&1 | tail -8
+    log "LAMMPS device cuda, fused-qkv ($(tail -1 "$OUT/plugin_build.log"))"
+    PATH=$lmp/bin:$PATH LD_LIBRARY_PATH=$lmp/lib PYTHONPATH=$sp timeout 150 python3 benchmarks/gpu_bench.py \
+        --parts lammps --kernels fused-qkv --lammps-sizes 1536 24576 --lammps-steps 40 \
+        --lammps-timeout 60 --lmp "$(PATH=$lmp/bin:$PATH command -v lmp || echo $sp/lammps/lmp)" \
+        --plugin "$(tail -1 "$OUT/plugin_build.log")" --out "$OUT/lbench" 2>&1 | grep -v "^{" | tail -12
+    cp "$OUT/lbench/gpu_bench.json" "$OUT/gpu_bench_lammps_h200.json" 2>/dev/null; rm -rf "$OUT/lbench"
+    log "done k"
 }
 
 wait_for_file() {  # FILE SECONDS
@@ -131,6 +165,6 @@ step_c() {
 }
 
 case $STEP in
-    a) step_a ;; b) step_b ;; b-clean) step_b_clean ;; c) step_c ;;
-    *) echo "usage: gpu_block.sh a|b|c OUT" >&2; exit 2 ;;
+    a) step_a ;; b) step_b ;; b-clean) step_b_clean ;; c) step_c ;; k) step_k ;;
+    *) echo "usage: gpu_block.sh a|b|c|k OUT" >&2; exit 2 ;;
 esac

@@ -38,8 +38,13 @@ same layer function; :class:`transip_md.model.fused_attention.FusedQKVAttentionL
     (softmax, a, a_self, agg_edge, a_sum as above)
     agg_v[h*D + c] = sum_k a[k,h] v_idx[k],h[c]                     agg_v [R, W]
 
-First derivatives with respect to qkv (its q columns for rows < R, k and v columns scattered to
-the neighbours' rows), edge, envelope, q_edge, bias and logit_self; no double backward.
+First derivatives with respect to qkv (its q columns for rows < R, k and v columns summed over
+the slots that gathered each row), edge, envelope, q_edge, bias and logit_self; no double
+backward. On CUDA those k / v sums are formed without atomics by default (``gather``: a stable
+sort of ``gather_index`` lists each row's slots, one kernel sums them in slot order, so the bits
+repeat run to run) or with atomicAdd (``atomic``), chosen by ``TRANSIP_OPS_QKV_BACKWARD`` or
+``torch.ops.transip_ops.cuda_qkv_backward_variant``; H200, TransIP-S layer at 24,576 rows:
+8.86 vs 9.19 ms forward+backward.
 
 ``torch.ops.transip_ops.edge_encoder(distance, vec, centers, gamma, inv_cutoff, w1, b1, w2, b2)``
 is :class:`transip_md.model.transformer.EdgeEncoder` (radial basis + two Linear/SiLU layers)
