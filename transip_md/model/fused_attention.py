@@ -119,7 +119,12 @@ class FusedQKVAttentionLayer(AttentionLayer):
         x = self.norm_attn(h)
         qkv = self.qkv(x)  # [M, 3W]: q | k | v of every row (ghost rows are keys/values only)
         scale = 1.0 / math.sqrt(D)
-        q = (qkv[:n_rows, :W] * scale).view(n_rows, H, D)
+        # The attending rows' q | k | v as one split (its backward is one concatenation; three
+        # column slices would each zero-fill and copy an [M, 3W] gradient), without a row slice
+        # when every row attends (no ghost rows: OpenMM, ASE, LAMMPS with mapped ghosts).
+        rows = qkv if n_rows == qkv.shape[0] else qkv[:n_rows]
+        q_tok, k_tok, v_tok = rows.split(W, dim=1)
+        q = (q_tok * scale).view(n_rows, H, D)
         w_ek, w_ev, w_eb = self.edge_proj.weight.split([W, W, H], dim=0)
         b_ek, b_ev, b_eb = self.edge_proj.bias.split([W, W, H], dim=0)
         s_k, s_v = self.self_kv.chunk(2)
@@ -131,8 +136,8 @@ class FusedQKVAttentionLayer(AttentionLayer):
         # bk is inside k_j; what is left of the bias is per row and head (q . bek_h + beb_h).
         q_bias = (q * b_ek.view(H, D)).sum(-1) + b_eb  # [R, H]
         bias = q_bias.unsqueeze(1).expand(n_rows, nbr_index.shape[1], H)  # [R, K, H]
-        k_self = qkv[:n_rows, W:2 * W] + s_k
-        v_self = (qkv[:n_rows, 2 * W:] + s_v).view(n_rows, H, D)
+        k_self = k_tok + s_k
+        v_self = (v_tok + s_v).view(n_rows, H, D)
         logit_self = (q * k_self.view(n_rows, H, D)).sum(-1)  # [R, H]
         own_row = torch.arange(n_rows, device=nbr_index.device).unsqueeze(1)
         gather_index = torch.where(nbr_index < h.shape[0], nbr_index, own_row)
