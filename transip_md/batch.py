@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .data.frames import Frame
+from .model.cell_products import rows_times
 from .model.neighbors import neighbor_pairs
 from .model.potential import TransIPPotential
 
@@ -83,15 +84,16 @@ def collate(frames: Sequence[Frame], dtype: torch.dtype, device: torch.device,
 
 def rotate_batch(batch: Batch, rotations: Tensor) -> Batch:
     """The same batch with system b rotated by ``rotations[b]`` (positions, cells, forces)."""
-    r_atom = rotations[batch.system]
-    rot_vec = lambda v: torch.einsum("nij,nj->ni", r_atom, v)  # noqa: E731
+    # Elementwise products (model/cell_products.py): exact under TF32 matmul settings too.
+    r_atom_t = rotations[batch.system].transpose(1, 2)
+    rot_vec = lambda v: rows_times(v, r_atom_t)  # noqa: E731  v_n -> R_n v_n
     return Batch(
         positions=rot_vec(batch.positions),
         numbers=batch.numbers,
         system=batch.system,
         charge=batch.charge,
         spin=batch.spin,
-        cell=torch.einsum("bij,bkj->bki", rotations, batch.cell),
+        cell=rows_times(batch.cell, rotations.transpose(1, 2).unsqueeze(1)),  # each lattice row
         pbc=batch.pbc,
         energy=batch.energy,
         forces=rot_vec(batch.forces),
@@ -109,7 +111,7 @@ def predict(
     """Energies [B] (eV), forces [N, 3] (eV/Å) and per-layer embeddings for a batch."""
     positions = batch.positions.detach().requires_grad_(True)
     i, j = batch.pair_i, batch.pair_j
-    shift = torch.einsum("pk,pkc->pc", batch.pair_shift, batch.cell[batch.system[i]])
+    shift = rows_times(batch.pair_shift, batch.cell[batch.system[i]])
     energies, hidden = potential.atom_energies_from_pairs(
         positions, batch.numbers, batch.charge[batch.system], batch.spin[batch.system], i, j, shift
     )

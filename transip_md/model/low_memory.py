@@ -6,6 +6,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .cell_products import rows_times
 from .neighbors import neighbor_pairs
 
 
@@ -34,10 +35,11 @@ class LowMemoryGradients:
         """
         i, j, s = neighbor_pairs(positions, cell, pbc, self.cutoff)
         deform = torch.eye(3, dtype=positions.dtype, device=positions.device) + strain
-        shift = s @ (cell @ deform)
+        shift = rows_times(s, rows_times(cell, deform))
         n_atoms = positions.shape[0]
         q, m = self._per_atom_state(charge, spin, n_atoms)
-        return self._checkpointed_gradients(positions @ deform, numbers, q, m, i, j, shift, inputs)
+        return self._checkpointed_gradients(rows_times(positions, deform), numbers, q, m, i, j, shift,
+                                            inputs)
 
     def _checkpointed_gradients(
         self,

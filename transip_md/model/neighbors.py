@@ -20,6 +20,8 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
+from .cell_products import rows_times
+
 # TorchScript cannot close over module globals, so the tuning constants are default arguments:
 # brute_force_limit: above this many candidate distances the O(N*M) search gives way to the
 #   cell list;  chunk: central atoms per cell-list chunk (bounds temporary memory);
@@ -95,10 +97,10 @@ def _periodic_points(
         zeros = torch.zeros((n_atoms, 3), dtype=positions.dtype, device=device)
         return positions, owner, zeros, zeros
     pbc_f = pbc.to(positions.dtype).to(device)
-    frac = torch.linalg.solve(cell.T, positions.T).T
+    frac = rows_times(positions, torch.linalg.inv(cell))
     wrap = torch.floor(frac) * pbc_f
     frac = frac - wrap
-    wrapped = positions - wrap @ cell
+    wrapped = positions - rows_times(wrap, cell)
     # An image is kept if it lies within cutoff/height of the cell along every periodic axis.
     margin = cutoff / cell_heights(cell)
     ranges: List[Tensor] = []
@@ -116,7 +118,7 @@ def _periodic_points(
     nz = torch.nonzero(keep)
     s_idx, a_idx = nz[:, 0], nz[:, 1]
     image_shift = shifts[s_idx]
-    points = torch.cat([wrapped, wrapped[a_idx] + image_shift @ cell], 0)
+    points = torch.cat([wrapped, wrapped[a_idx] + rows_times(image_shift, cell)], 0)
     owner = torch.cat([torch.arange(n_atoms, device=device), a_idx], 0)
     all_shifts = torch.cat(
         [torch.zeros((n_atoms, 3), dtype=positions.dtype, device=device), image_shift], 0

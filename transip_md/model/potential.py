@@ -20,6 +20,7 @@ import torch
 from ase.data import chemical_symbols
 from torch import Tensor, nn
 
+from .cell_products import rows_times
 from .config import MAX_ABS_CHARGE, MAX_ATOMIC_NUMBER, MAX_MULTIPLICITY, ModelConfig
 from .contract import entry_point
 from .engine_pairs import EnginePairEntries
@@ -161,8 +162,8 @@ class TransIPPotential(InputChecks, LowMemoryGradients, StaticShapeEnergy, Engin
         """Per-atom energies of one system; ``strain`` (3x3, zeros) carries the virial."""
         i, j, s = neighbor_pairs(positions, cell, pbc, self.cutoff)
         deform = torch.eye(3, dtype=positions.dtype, device=positions.device) + strain
-        pos = positions @ deform
-        shift = s @ (cell @ deform)
+        pos = rows_times(positions, deform)
+        shift = rows_times(s, rows_times(cell, deform))
         n_atoms = positions.shape[0]
         q, m = self._per_atom_state(charge, spin, n_atoms)
         return self.atom_energies_from_pairs(pos, numbers, q, m, i, j, shift)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .cell_products import rows_times
 from .contract import entry_point
 
 # ------------------------------------------------------------------ planning (Python, host side)
@@ -269,14 +270,14 @@ def _all_pairs_neighbors(positions: Tensor, cell_eff: Tensor, pbc: Tensor, cutof
     fixed = positions.detach()
     cell_fixed = cell_eff.detach()
     disp = fixed.unsqueeze(0) - fixed.unsqueeze(1)  # [i, j] = x_j - x_i
-    frac = disp @ _inverse(cell_fixed)
+    frac = rows_times(disp, _inverse(cell_fixed))
     image = torch.round(frac) * pbc_f  # lattice vectors to subtract (minimum image)
-    disp = (frac - image) @ cell_fixed
+    disp = rows_times(frac - image, cell_fixed)
     d2 = (disp * disp).sum(-1) + positions.new_full((n_atoms,), 1e30).diag()
     nearest, index = torch.topk(d2, capacity, dim=1, largest=False)
     nbr_image = image.gather(1, index.unsqueeze(-1).expand(n_atoms, capacity, 3))
     nbr_pos = positions.index_select(0, index.reshape(-1)).view(n_atoms, capacity, 3)
-    nbr_vec = nbr_pos - positions.unsqueeze(1) - nbr_image @ cell_eff
+    nbr_vec = nbr_pos - positions.unsqueeze(1) - rows_times(nbr_image, cell_eff)
     overflow = _no_overflow(positions.device)
     if capacity < n_atoms - 1:  # otherwise every atom is a neighbour: no overflow possible
         # Conservative: NaN already when the capacity-th nearest is inside the cutoff.
@@ -370,9 +371,9 @@ def _cell_list_neighbors(positions: Tensor, cell_eff: Tensor, pbc: Tensor, cutof
     fixed = positions.detach()
     cell_fixed = cell_eff.detach()
     inverse = _inverse(cell_fixed)
-    frac = fixed @ inverse
+    frac = rows_times(fixed, inverse)
     wrap = torch.floor(frac) * pbc_f  # lattice vectors that bring each atom into the cell
-    wrapped = fixed - wrap @ cell_fixed
+    wrapped = fixed - rows_times(wrap, cell_fixed)
     cells, unusable = _grid_cells(frac, inverse, pbc, cutoff, grid)
     cell_id = (cells[:, 0] * grid[1] + cells[:, 1]) * grid[2] + cells[:, 2]
     table, crowded = _cell_table(cell_id, n_cells, cell_capacity)
@@ -385,7 +386,7 @@ def _cell_list_neighbors(positions: Tensor, cell_eff: Tensor, pbc: Tensor, cutof
     real = (cand < n_atoms) & (cand != centers)  # not padding, not the atom itself
     cand = torch.where(real, cand, centers)  # harmless index for the distance below
     # candidate - centre = wrapped_j + image @ cell - wrapped_i; the last two terms per cell.
-    to_cell = image @ cell_fixed - wrapped.unsqueeze(1)  # [N, 27, 3]
+    to_cell = rows_times(image, cell_fixed) - wrapped.unsqueeze(1)  # [N, 27, 3]
     disp = (wrapped.index_select(0, cand.reshape(-1)).view(n_atoms, 27, cell_capacity, 3)
             + to_cell.unsqueeze(2))
     d2 = (disp * disp).sum(-1).view(n_atoms, n_cand)
@@ -407,7 +408,7 @@ def _cell_list_neighbors(positions: Tensor, cell_eff: Tensor, pbc: Tensor, cutof
     shift = (chosen_image - wrap.index_select(0, chosen.reshape(-1)).view(n_atoms, k, 3)
              + wrap.unsqueeze(1))
     nbr_pos = positions.index_select(0, chosen.reshape(-1)).view(n_atoms, k, 3)
-    nbr_vec = nbr_pos - positions.unsqueeze(1) + shift @ cell_eff
+    nbr_vec = nbr_pos - positions.unsqueeze(1) + rows_times(shift, cell_eff)
     # Slots without a real candidate: the network's padding (index N, beyond the cutoff).
     # (Built by arithmetic: far[0] = x would copy a host scalar to the device.)
     far = (torch.arange(3, device=device) == 0).to(positions.dtype) * (2.0 * cutoff)
