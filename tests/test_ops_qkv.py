@@ -10,11 +10,13 @@ GPU is (the lent H200) and skip elsewhere.
 
 import copy
 import math
+import os
 
 import pytest
 import torch
 
 import transip_md.ops as ops
+from transip_md.ops import build as ops_build
 from transip_md.model.config import named_config
 from transip_md.model.fused_attention import FusedQKVAttentionLayer, use_fused_attention
 from transip_md.model.transformer import AttentionLayer
@@ -315,6 +317,26 @@ GPU_SHAPES["d48"] = dict(R=6, M=9, K=12, W=384, H=8, E=16, padded=3)
 GPU_SHAPES["many_heads"] = dict(R=5, M=8, K=10, W=64, H=16, E=3, padded=2)
 GPU_SHAPES["negative_envelope"] = dict(R=7, M=15, K=9, W=32, H=4, E=6, padded=2,
                                        negative_envelope=True)
+
+
+@pytest.mark.skipif(not ops_build.toolchain().cuda.include,
+                    reason="library built without its CUDA part")
+def test_qkv_backward_variant_switch():
+    """cuda_qkv_backward_variant: read from TRANSIP_OPS_QKV_BACKWARD once (default gather),
+    switched for later calls; a bad name is refused naming both choices. Needs no GPU (the
+    switch only picks a kernel)."""
+    switch = torch.ops.transip_ops.cuda_qkv_backward_variant
+    before = switch()
+    if not os.environ.get("TRANSIP_OPS_QKV_BACKWARD"):
+        assert before == "gather"
+    try:
+        assert switch("atomic") == "atomic" and switch() == "atomic"
+        assert switch("gather") == "gather" and switch() == "gather"
+        with pytest.raises(RuntimeError, match="must be 'atomic' or 'gather'; got 'fast'"):
+            switch("fast")
+        assert switch() == "gather"
+    finally:
+        switch(before)
 
 
 @pytest.fixture(params=["gather", "atomic"])

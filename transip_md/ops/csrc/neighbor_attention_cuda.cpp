@@ -284,48 +284,58 @@ struct Kernels {
 const char* const kKernelFunctions[] = {"na_forward", "na_backward", "na_backward_scalar",
                                         "naq_forward", "naq_backward", "naq_backward_kv"};
 
-// Which backward kernel runs: TRANSIP_OPS_BACKWARD=scalar (default) or vector, read once.
-// Measured on the H200 (2026-12-01, R=24576, K=96, W=256, H=8, float32, op forward+backward):
-// scalar 9.17 ms, vector 11.08 ms: the vector kernel's 118 registers (scalar: 59) halve the
-// blocks per SM, which costs more than its float4 atomics save. Kept, opt-in, for tuning;
-// transip_ops::cuda_backward_variant changes it for later calls (tests, A/B benchmarks).
-// "scalar" also turns off the forward's 16-byte loads, so it is exactly the original code.
-enum Variant : int { kVariantScalar = 0, kVariantVector = 1 };
+// A choice between two CUDA kernel variants (names[0] = 0, names[1] = 1): read once from an
+// environment variable, switched per later call by a transip_ops::cuda_*_variant op (tests,
+// A/B benchmarks). The two choices below share this.
+struct VariantChoice {
+  const char* env;
+  const char* names[2];
+  int fallback;  // when the variable is unset or empty
+};
 
-int parse_variant(const std::string& v, const char* where) {
-  if (v == "vector") return kVariantVector;
-  if (v == "scalar") return kVariantScalar;
-  TORCH_CHECK(false, cat("transip_ops: ", where, " must be 'scalar' or 'vector'; got '", v, "'"));
-  return kVariantVector;
+int parse_choice(const VariantChoice& c, const std::string& v, const char* where) {
+  for (int i = 0; i < 2; ++i)
+    if (v == c.names[i]) return i;
+  TORCH_CHECK(false, cat("transip_ops: ", where, " must be '", c.names[0], "' or '", c.names[1],
+                         "'; got '", v, "'"));
+  return c.fallback;
 }
 
+int initial_choice(const VariantChoice& c) {
+  const char* env = std::getenv(c.env);
+  return env && *env ? parse_choice(c, env, c.env) : c.fallback;
+}
+
+std::string switch_choice(const VariantChoice& c, std::atomic<int>& slot, const std::string& set,
+                          const char* where) {
+  if (!set.empty()) slot.store(parse_choice(c, set, where));
+  return c.names[slot.load()];
+}
+
+// Which backward kernel neighbor_attention runs: TRANSIP_OPS_BACKWARD=scalar (default) or
+// vector. Measured on the H200 (2026-12-01, R=24576, K=96, W=256, H=8, float32, op
+// forward+backward): scalar 9.17 ms, vector 11.08 ms: the vector kernel's 118 registers
+// (scalar: 59) halve the blocks per SM, which costs more than its float4 atomics save. Kept,
+// opt-in, for tuning. "scalar" also turns off the forward's 16-byte loads, so it is exactly the
+// original code.
+enum Variant : int { kVariantScalar = 0, kVariantVector = 1 };
+const VariantChoice kBackwardChoice{"TRANSIP_OPS_BACKWARD", {"scalar", "vector"}, kVariantScalar};
+
 std::atomic<int>& variant_slot() {
-  static std::atomic<int> v{[] {
-    const char* env = std::getenv("TRANSIP_OPS_BACKWARD");
-    return env && *env ? parse_variant(env, "TRANSIP_OPS_BACKWARD") : int(kVariantScalar);
-  }()};
+  static std::atomic<int> v{initial_choice(kBackwardChoice)};
   return v;
 }
 
 // How the qkv backward forms the k / v parts of dqkv: TRANSIP_OPS_QKV_BACKWARD=atomic
 // (naq_backward scatters them with 2 W scalar atomicAdds per slot) or gather (the default: a
 // stable sort of the gather index lists, per row j, the slots that gathered it, and
-// naq_backward_kv sums over them: no atomics, deterministic). Read once;
-// transip_ops::cuda_qkv_backward_variant switches it (tests, A/B benchmarks).
+// naq_backward_kv sums over them: no atomics, deterministic; H200, TransIP-S layer at 24,576
+// rows: 8.86 vs 9.19 ms forward+backward).
 enum QkvVariant : int { kQkvAtomic = 0, kQkvGather = 1 };
-
-int parse_qkv_variant(const std::string& v, const char* where) {
-  if (v == "gather") return kQkvGather;
-  if (v == "atomic") return kQkvAtomic;
-  TORCH_CHECK(false, cat("transip_ops: ", where, " must be 'gather' or 'atomic'; got '", v, "'"));
-  return kQkvGather;
-}
+const VariantChoice kQkvChoice{"TRANSIP_OPS_QKV_BACKWARD", {"atomic", "gather"}, kQkvGather};
 
 std::atomic<int>& qkv_variant_slot() {
-  static std::atomic<int> v{[] {
-    const char* env = std::getenv("TRANSIP_OPS_QKV_BACKWARD");
-    return env && *env ? parse_qkv_variant(env, "TRANSIP_OPS_QKV_BACKWARD") : int(kQkvGather);
-  }()};
+  static std::atomic<int> v{initial_choice(kQkvChoice)};
   return v;
 }
 
@@ -628,13 +638,11 @@ std::vector<Tensor> backward_qkv_cuda(const Dims& d, const Tensor& g_v, const Te
 }
 
 std::string cuda_backward_variant(std::string set) {
-  if (!set.empty()) variant_slot().store(parse_variant(set, "cuda_backward_variant"));
-  return variant_slot().load() == kVariantVector ? "vector" : "scalar";
+  return switch_choice(kBackwardChoice, variant_slot(), set, "cuda_backward_variant");
 }
 
 std::string cuda_qkv_backward_variant(std::string set) {
-  if (!set.empty()) qkv_variant_slot().store(parse_qkv_variant(set, "cuda_qkv_backward_variant"));
-  return qkv_variant_slot().load() == kQkvGather ? "gather" : "atomic";
+  return switch_choice(kQkvChoice, qkv_variant_slot(), set, "cuda_qkv_backward_variant");
 }
 
 std::string nvrtc_check(int64_t arch, std::string dtype, int64_t width, int64_t heads,

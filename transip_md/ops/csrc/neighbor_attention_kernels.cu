@@ -781,24 +781,38 @@ naq_backward(const T* __restrict__ g_v, const T* __restrict__ g_edge,
   // 3. Column passes. Token column c (head c / D): the q part of row i, and the k / v parts of
   // each gathered row by atomicAdd (one scalar atomic per slot and part; slots with envelope 0
   // have a = dl = 0, invalid ones dl = 0: skipped). Then edge column e: dedge and dq_edge.
-  for (int c = tid; c < W_; c += NT) {
-    const int hc = c / D_;
-    const T sq = scale * qi[c];
-    const T g = gv[c];
-    T dq = 0;
-    for (int k = 0; k < K; ++k) {
-      const T ek = s_env[k];
-      if (ek == (T)0) continue;  // uniform over the block
-      T* dj = dqkv + s_idx[k] * W3;        // row j of dqkv
-      const T* kj = qkv + s_idx[k] * W3 + W_;  // k_j
-      if (ek > (T)0) {
-        const T dl = G[k * H_ + hc];
-        dq += dl * kj[c];
-        if (scatter) atomicAdd(dj + W_ + c, dl * sq);
+  // Without the scatter (gather variant) the token pass is its own loop: one branch per block,
+  // and no registers for the scatter's operands (a shared loop spilled at W = 768, H = 16).
+  if (scatter) {
+    for (int c = tid; c < W_; c += NT) {
+      const int hc = c / D_;
+      const T sq = scale * qi[c];
+      const T g = gv[c];
+      T dq = 0;
+      for (int k = 0; k < K; ++k) {
+        const T ek = s_env[k];
+        if (ek == (T)0) continue;  // uniform over the block
+        T* dj = dqkv + s_idx[k] * W3;        // row j of dqkv
+        const T* kj = qkv + s_idx[k] * W3 + W_;  // k_j
+        if (ek > (T)0) {
+          const T dl = G[k * H_ + hc];
+          dq += dl * kj[c];
+          atomicAdd(dj + W_ + c, dl * sq);
+        }
+        atomicAdd(dj + 2 * W_ + c, L[k * H_ + hc] * g);
       }
-      if (scatter) atomicAdd(dj + 2 * W_ + c, L[k * H_ + hc] * g);
+      dqkv[i * W3 + c] = scale * dq;
     }
-    dqkv[i * W3 + c] = scale * dq;
+  } else {
+    for (int c = tid; c < W_; c += NT) {
+      const int hc = c / D_;
+      T dq = 0;
+      for (int k = 0; k < K; ++k) {
+        if (!(s_env[k] > (T)0)) continue;  // dl = 0 on invalid slots; uniform over the block
+        dq += G[k * H_ + hc] * qkv[s_idx[k] * W3 + W_ + c];
+      }
+      dqkv[i * W3 + c] = scale * dq;
+    }
   }
   for (int e = first_edge_column(tid); e < E_; e += NT) {
     T gr[H_], qr[H_], dq[H_];
