@@ -67,6 +67,7 @@ from transip_md.model import TransIPPotential, named_config  # noqa: E402
 from transip_md.model.static_shapes import (StaticNeighborPlan, plan_static_neighbors,  # noqa: E402
                                             supports_cell_list)
 from transip_md.systems import water_box  # noqa: E402
+from transip_md.static_forces import capture_static_graph, static_energy_forces  # noqa: E402,F401  (shared with the ASE calculator)
 
 WATER_ATOMS = 3
 GiB = 1024 ** 3
@@ -153,57 +154,6 @@ def plan_record(plan: StaticNeighborPlan) -> Dict:
     return {"search": "cell list" if plan.uses_cell_list else "all pairs",
             "neighbor_capacity": plan.neighbor_capacity, "cell_capacity": plan.cell_capacity,
             "grid": list(plan.grid)}
-
-
-def static_energy_forces(model, inputs, plan: StaticNeighborPlan):
-    """(energy, forces) through ``model.energy_static`` with ``plan``; forces by autograd.
-
-    ``inputs`` = (positions, numbers, cell, pbc, charge, spin) as for ``compute``. Positions that
-    require grad are used as they are (a CUDA graph's static input buffer), others are detached.
-    No host synchronisation: this is what :func:`capture_static_graph` records.
-    """
-    positions, numbers, cell, pbc, charge, spin = inputs
-    if not positions.requires_grad:
-        positions = positions.detach().requires_grad_(True)
-    energy = model.energy_static(positions, numbers, cell, pbc, charge, spin, *plan.arguments())
-    (grad,) = torch.autograd.grad([energy], [positions])
-    return energy.detach(), -grad
-
-
-def capture_static_graph(model, inputs, plan: StaticNeighborPlan, warmup: int = 5):
-    """Capture :func:`static_energy_forces` once into a CUDA graph.
-
-    As the PyTorch CUDA-graphs notes prescribe: static input buffers, ``warmup`` eager calls on
-    a side stream first (TorchScript's profiling executor specialises the graph on its first
-    runs; cuBLAS sets up its workspaces), then one capture. Returns ``replay(positions=None)``,
-    which copies ``positions`` (if given) into the static buffer, replays, and returns the
-    static (energy, forces) outputs (overwritten by the next replay).
-    """
-    if not torch.cuda.is_available() or inputs[0].device.type != "cuda":
-        raise RuntimeError("CUDA-graph capture needs the inputs on a CUDA device")
-    static_positions = inputs[0].detach().clone().requires_grad_(True)
-    static_inputs = (static_positions,) + tuple(inputs[1:])
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            static_energy_forces(model, static_inputs, plan)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        energy, forces = static_energy_forces(model, static_inputs, plan)
-    torch.cuda.synchronize()
-
-    def replay(positions=None):
-        if positions is not None:
-            with torch.no_grad():
-                static_positions.copy_(positions)
-        graph.replay()
-        return energy, forces
-
-    replay.graph = graph  # keeps the graph (and its memory pool) alive with the function
-    return replay
 
 
 def bench_graph(model, atoms, inputs, reference, warmup: int = 5) -> Dict:

@@ -15,6 +15,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from .export import default_model_path, load_exported, read_metadata
 from .model_errors import ScriptError, translate_model_error
+from .static_forces import StaticForces
 
 
 class TransIPCalculator(Calculator):
@@ -26,19 +27,31 @@ class TransIPCalculator(Calculator):
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         charge, spin: total charge and spin multiplicity; when ``None`` they are read from
             ``atoms.info["charge"]`` / ``atoms.info["spin"]`` (OMol25's keys), default 0 and 1.
+        low_memory: one layer's activations at a time (large systems on a GPU).
+        cuda_graphs: on a CUDA device, energy and forces through the model's static-shape path
+            replayed from a CUDA graph (``transip_md/static_forces.py``): several times faster
+            for small and mid-sized systems, which are launch-bound. The first call on a new
+            system takes the dynamic path (it checks the input); per-atom energies and stress
+            always do. A crowded cell or atom that breaks a capacity is detected on the device,
+            answered by the dynamic path and followed by a larger plan, never by wrong forces.
+        neighbor_capacity, cell_capacity: the static path's capacities (default: from the
+            first geometry's density, as for OpenMM's ``make_torch_force(cuda_graphs=True)``).
     """
 
     implemented_properties: List[str] = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(self, model_path: Optional[str] = None, device: str = "cpu",
                  charge: Optional[int] = None, spin: Optional[int] = None,
-                 low_memory: bool = False, **kwargs):
+                 low_memory: bool = False, cuda_graphs: bool = False,
+                 neighbor_capacity: Optional[int] = None, cell_capacity: Optional[int] = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.model_path = str(model_path) if model_path is not None else str(default_model_path())
         self.metadata = read_metadata(self.model_path)
         self.device = torch.device(device)
-        self.model = load_exported(self.model_path, device=self.device, needs=("compute",),
-                                   who="the ASE calculator")
+        needs = ("compute", "energy_static") if cuda_graphs else ("compute",)
+        self.model = load_exported(self.model_path, device=self.device, needs=needs,
+                                   who="the ASE calculator" + (" (cuda_graphs)" if cuda_graphs else ""))
         if low_memory:  # one layer's activations at a time: large systems on a GPU
             if not hasattr(self.model, "low_memory"):
                 raise ValueError(f"{self.model_path} predates the low_memory option; re-export it "
@@ -47,6 +60,15 @@ class TransIPCalculator(Calculator):
         self.dtype = getattr(torch, self.metadata["dtype"])
         self.charge = charge
         self.spin = spin
+        self.cuda_graphs = bool(cuda_graphs)
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, not {self.device}")
+        if self.cuda_graphs and low_memory:
+            raise ValueError("cuda_graphs and low_memory exclude each other: the graph path "
+                             "keeps every layer's activations (use one or the other)")
+        self._capacities = {"neighbor_capacity": neighbor_capacity, "cell_capacity": cell_capacity}
+        self._static: Optional[StaticForces] = None
+        self._static_key = None
 
     def _charge_spin(self, atoms) -> tuple:
         charge = self.charge if self.charge is not None else atoms.info.get("charge", 0)
@@ -61,16 +83,14 @@ class TransIPCalculator(Calculator):
             changes = list(changes) + ["charge_spin"]
         return changes
 
-    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        super().calculate(atoms, properties, system_changes)
-        charge, spin = self._charge_spin(self.atoms)
+    def _dynamic(self, positions, cell, charge: int, spin: int, want_stress: bool) -> dict:
+        """One call of the model's dynamic path (``compute``), with its input checks."""
         as_t = lambda a, dt: torch.as_tensor(np.asarray(a), dtype=dt, device=self.device)  # noqa: E731
-        want_stress = "stress" in properties and bool(self.atoms.pbc.any())
         try:
             out = self.model.compute(
-                as_t(self.atoms.positions, self.dtype),
+                as_t(positions, self.dtype),
                 as_t(self.atoms.numbers, torch.long),
-                as_t(self.atoms.cell.array, self.dtype),
+                as_t(cell, self.dtype),
                 as_t(self.atoms.pbc, torch.bool),
                 torch.tensor(charge), torch.tensor(spin),
                 True, want_stress,
@@ -81,6 +101,38 @@ class TransIPCalculator(Calculator):
                                               len(self.atoms))
         except ScriptError as exc:
             raise translate_model_error(exc) from None
+        return out
+
+    def _graphed(self, charge: int, spin: int) -> Optional[StaticForces]:
+        """The CUDA-graph path for the current atoms, or None for this call: the first call
+        on a new system (or charge, spin, periodicity) takes the dynamic path, which checks
+        the input, and sets the graph path up for the calls after it."""
+        key = (self.atoms.numbers.tobytes(), self.atoms.pbc.tobytes(), charge, spin)
+        if self._static is not None and self._static_key == key:
+            return self._static
+        dynamic = lambda p, c: self._energy_forces(self._dynamic(p, c, charge, spin, False))  # noqa: E731
+        self._static = StaticForces(self.model, self.atoms.numbers, self.atoms.pbc, charge, spin,
+                                    self.atoms.cell.array, self.dtype, self.device, True, dynamic,
+                                    **self._capacities)
+        self._static_key = key
+        return None
+
+    @staticmethod
+    def _energy_forces(out: dict):
+        return float(out["energy"]), out["forces"].double().cpu().numpy()
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        charge, spin = self._charge_spin(self.atoms)
+        want_stress = "stress" in properties and bool(self.atoms.pbc.any())
+        static = None
+        if self.cuda_graphs and not want_stress and "energies" not in properties:
+            static = self._graphed(charge, spin)
+        if static is not None:  # energy and forces only (no per-atom energies, no stress)
+            energy, forces = static.evaluate(self.atoms.positions, self.atoms.cell.array)
+            self.results.update(energy=energy, free_energy=energy, forces=forces)
+            return
+        out = self._dynamic(self.atoms.positions, self.atoms.cell.array, charge, spin, want_stress)
         energy = float(out["energy"])
         self.results["energy"] = energy
         self.results["free_energy"] = energy

@@ -16,3 +16,5 @@ EV_PER_KCAL_PER_MOL = float((_ase_units.kcal / _ase_units.mol) / _ase_units.eV)
 KCAL_PER_MOL_PER_EV = 1.0 / EV_PER_KCAL_PER_MOL
 #: meV in 1 eV.
 MEV_PER_EV = 1000.0
+#: 1 nm/ps (OpenMM's velocity unit) in ASE's velocity unit, Å per ASE time unit.
+ASE_VELOCITY_PER_NM_PER_PS = ANGSTROM_PER_NM / (1000.0 * float(_ase_units.fs))
