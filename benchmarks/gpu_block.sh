@@ -13,6 +13,8 @@
 #      LAMMPS reference-vs-fused bench (LONGRUN_BEFORE_START="" skips it), then the detached
 #      long runs (NVE, soak).
 #   c: bash benchmarks/gpu_block.sh c $OUT   collect the long runs (and the study).
+#   bc: b, then c's snapshots until ~585 s after the call began (the runs' first call, whole);
+#      the next call, right after (the machine stays warm ~30 s), is c.
 #   k: bash benchmarks/gpu_block.sh k $OUT   carry .device_carry/{wheels,lammps-cp312.tar.xz}
 #      one kernel iteration alone: op tests, TransIP reference vs fused-qkv, ops_bench, LAMMPS.
 #
@@ -95,6 +97,7 @@ step_k() {
         --lammps-timeout 60 --lmp "$(PATH=$lmp/bin:$PATH command -v lmp || echo $sp/lammps/lmp)" \
         --plugin "$(tail -1 "$OUT/plugin_build.log")" --out "$OUT/lbench" 2>&1 | grep -v "^{" | tail -12
     cp "$OUT/lbench/gpu_bench.json" "$OUT/gpu_bench_lammps_h200.json" 2>/dev/null; rm -rf "$OUT/lbench"
+    [[ ${GPU_BLOCK_TF32:-1} == 1 ]] && mkdir -p /tmp/kmodels && tf32_trained /tmp/kmodels
     log "done k"
 }
 
@@ -110,10 +113,11 @@ step_b() {
     for dt in float64 float32; do
         runs+=" nve-openmm-graphs-$dt-192 nve-openmm-nographs-$dt-192 nve-lammps-cuda-$dt-192 nve-ase-cuda-$dt-192"
     done
-    runs+=" nve-lammps-cuda-float64-192-seed1 nve-lammps-cuda-float64-192-seed2"
+    runs=${runs//nve-ase-cuda-/nve-ase-graphs-}  # ASE through its CUDA-graph path (below: plain)
+    runs+=" nve-ase-cuda-float64-192 nve-lammps-cuda-float64-192-ownnvt"
     export LONGRUN_RUNS=${LONGRUN_RUNS:-"$runs soak-openmm-graphs-1536 soak-lammps-cuda-1536"}
     LONGRUN_BUDGET_S=${LONGRUN_BUDGET_S:-600} \
-        LONGRUN_BEFORE_START=${LONGRUN_BEFORE_START-"bash benchmarks/gpu_block.sh b-clean $OUT"} \
+        LONGRUN_BEFORE_START=${LONGRUN_BEFORE_START-"timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k ase_cuda_graphs 2>&1 | tail -4 | tee $OUT/gpu_tests_ase_graphs.txt"} \
         bash benchmarks/long_runs.sh launch "$OUT" 2>&1 | tail -40
     if [[ -f benchmarks/study_gpu.sh && ${GPU_BLOCK_STUDY:-0} == 1 ]]; then
         log "equivariance study (detached)"
@@ -121,6 +125,27 @@ step_b() {
             bash benchmarks/study_gpu.sh launch "$OUT" 2>&1 | tail -10
     fi
     log "done b"
+}
+
+step_bc() {
+    # b, then collect snapshots until the call's end (GPU_BLOCK_CALL_S, default 585 s after
+    # this step began): the long runs' first half fills the whole first call
+    local t0=$(date +%s)
+    step_b
+    GPU_BLOCK_COLLECT_FOR=$(( ${GPU_BLOCK_CALL_S:-585} - ($(date +%s) - t0) )) step_c
+}
+
+tf32_trained() {  # MODELS_DIR: TF32 against fp32 on the shipped (trained) model, float64 as truth
+    local models=$1
+    for dt in float32 float64; do
+        [[ -f $models/transip-demo-$dt.pt ]] || python3 -m transip_md.export "$models/transip-demo-$dt.pt" --dtype $dt 2>&1 | tail -1
+    done
+    log "TF32 on a trained model: the shipped model's float32 export, fp32 vs tf32 force error against float64"
+    timeout 90 python3 benchmarks/gpu_bench.py --parts transip --model "$models/transip-demo-float32.pt" \
+        --model64 "$models/transip-demo-float64.pt" --variants fp32,tf32 --sizes 1536 6144 \
+        --out "$OUT/tbench" 2>&1 | grep -v "^{" | tail -8
+    cp "$OUT/tbench/gpu_bench.json" "$OUT/gpu_bench_tf32_trained_h200.json" 2>/dev/null
+    rm -rf "$OUT/tbench"
 }
 
 step_b_clean() {  # called by long_runs.sh after its setup, before the long runs share the GPU
@@ -131,13 +156,7 @@ step_b_clean() {  # called by long_runs.sh after its setup, before the long runs
             --data .device_carry/study_data/train_chunk0.extxyz --size s --batch-atoms 4096 --steps 6 \
             --trainer-steps 40 --device cuda --json "$OUT/train_speed_s_h200.json" 2>&1 | tail -3
     fi
-    local models=${LONGRUN_DIR:-/tmp/longruns}/models
-    log "TF32 on a trained model: the shipped model's float32 export, fp32 vs tf32 force error against float64"
-    timeout 90 python3 benchmarks/gpu_bench.py --parts transip --model "$models/transip-demo-float32.pt" \
-        --model64 "$models/transip-demo-float64.pt" --variants fp32,tf32 --sizes 1536 6144 \
-        --out "$OUT/tbench" 2>&1 | grep -v "^{" | tail -8
-    cp "$OUT/tbench/gpu_bench.json" "$OUT/gpu_bench_tf32_trained_h200.json" 2>/dev/null
-    rm -rf "$OUT/tbench"
+    tf32_trained "${LONGRUN_DIR:-/tmp/longruns}/models"
     [[ ${GPU_BLOCK_LAMMPS_BENCH:-1} == 1 ]] || return 0
     local plugin; plugin=$(python3 -m transip_md.lammps build 2>/dev/null | tail -1)
     log "LAMMPS device cuda, ${GPU_BLOCK_LAMMPS_KERNELS:-reference,fused-qkv} (plugin $plugin)"
@@ -165,6 +184,6 @@ step_c() {
 }
 
 case $STEP in
-    a) step_a ;; b) step_b ;; b-clean) step_b_clean ;; c) step_c ;; k) step_k ;;
-    *) echo "usage: gpu_block.sh a|b|c|k OUT" >&2; exit 2 ;;
+    a) step_a ;; b) step_b ;; bc) step_bc ;; b-clean) step_b_clean ;; c) step_c ;; k) step_k ;;
+    *) echo "usage: gpu_block.sh a|b|bc|c|k OUT" >&2; exit 2 ;;
 esac

@@ -42,6 +42,21 @@ Langevin with ``FixCom``, OpenMM LangevinMiddle, LAMMPS Nosé-Hoover), then runs
 * OpenMM: ``VerletIntegrator`` on the CPU platform, ``TorchForce`` from ``transip_openmm``;
 * LAMMPS: ``fix nve``, one rank (no mpirun), ``pair_style transip`` plugin.
 
+**Shared start** (issue #18's GPU runs, ``benchmarks/long_runs.sh``)::
+
+  python benchmarks/nve_drift.py --engines openmm --openmm-platform CUDA --cuda-graphs \
+      --dtypes float64 --nvt-ps 5 --write-state state.extxyz     # thermalise once, write the state
+  python benchmarks/nve_drift.py --start-state state.extxyz --engines lammps ...  # NVE from it
+
+``--write-state`` runs only the NVT (OpenMM Langevin) and writes positions and velocities
+(extended XYZ, atomically, never over an existing file); ``--start-state`` makes every engine
+start its NVE from them, without a thermostat of its own, so that drifts of different engines
+start from one state. ASE and LAMMPS then begin with the same total energy (to LAMMPS' 5.5e-8
+force-to-acceleration constant, ``tests/test_shared_start.py``). OpenMM's first total energy
+differs (0.1 eV for the 192-atom box): its VerletIntegrator is a leapfrog, so it takes the velocities as
+those of half a step earlier and reports the kinetic energy at the step from them; the drift
+is not affected. ``--ase-cuda-graphs``: ``TransIPCalculator(cuda_graphs=True)``.
+
 ``--threads`` (default 1) limits every engine to that many CPU threads: ``OMP_NUM_THREADS`` /
 ``MKL_NUM_THREADS`` (set before torch is imported, and passed to the LAMMPS process),
 ``torch.set_num_threads`` and the OpenMM CPU platform's ``Threads``.
@@ -165,6 +180,45 @@ def zero_momentum(masses, positions, velocities, rotation: bool):
     return v
 
 
+# ----------------------------------------------------------------------------- shared start
+# A state thermalised once (``--write-state``: OpenMM's Langevin NVT, the fastest engine on a
+# GPU) and read by every engine's NVE run (``--start-state``): the engines' drifts then come
+# from the same initial condition, and no engine's own thermostat (LAMMPS: Nose-Hoover) can
+# leave a slow relaxation that the drift fit would take for non-conservation.
+def write_start_state(path: Path, atoms, nvt_ps: float, engine: str, seed: int) -> None:
+    """``atoms`` (positions, velocities, cell) as extended XYZ, atomically, never over a file
+    this script did not write (``transip_md.atomic_io``)."""
+    from ase.io import write
+
+    from transip_md.atomic_io import atomic_output
+
+    atoms = atoms.copy()
+    atoms.info.update(nvt_ps=float(nvt_ps), thermalised_by=engine, seed=int(seed),
+                      temperature_k=TEMPERATURE_K)
+    if atoms.pbc.all():
+        atoms.wrap()  # periodic images are the same state; LAMMPS' data file wants atoms inside
+    with atomic_output(path) as tmp:
+        write(tmp, atoms, format="extxyz")
+
+
+def read_start_state(path: Path, system_name: str):
+    """The state of ``--start-state``, checked against ``--system`` (same atoms, same cell)."""
+    from ase.io import read
+
+    atoms = read(str(path), format="extxyz")
+    expected = build_system(system_name)
+    if len(atoms) != len(expected) or (atoms.numbers != expected.numbers).any():
+        raise ValueError(f"--start-state {path}: {len(atoms)} atoms, not the {len(expected)} "
+                         f"atoms of --system {system_name}")
+    if np.abs(atoms.cell.array - expected.cell.array).max() > 1e-6 or (atoms.pbc != expected.pbc).any():
+        raise ValueError(f"--start-state {path}: its cell/pbc differ from --system {system_name}")
+    if atoms.get_momenta().any() == 0:
+        raise ValueError(f"--start-state {path} has no velocities (momenta)")
+    atoms.info.setdefault("charge", expected.info.get("charge", 0))
+    atoms.info.setdefault("spin", expected.info.get("spin", 1))
+    return atoms
+
+
 class Clock:
     """Wall-clock budget and partial-result writer shared by the engines' NVE loops:
     ``expired()`` once the process's budget is spent (the run then stops and reports the ps
@@ -198,7 +252,8 @@ def nve_record(engine: str, system_name: str, atoms, steps: int, nvt_steps: int,
 
 # ----------------------------------------------------------------------------- ASE
 def run_ase(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: int,
-            system_name: str, device: str = "cpu", clock: Optional[Clock] = None) -> Dict:
+            system_name: str, device: str = "cpu", clock: Optional[Clock] = None,
+            start=None, cuda_graphs: bool = False) -> Dict:
     from ase import units
     from ase.constraints import FixCom
     from ase.md import velocitydistribution as vd
@@ -207,17 +262,21 @@ def run_ase(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: int,
 
     from transip_md.calculator import TransIPCalculator
 
-    atoms = build_system(system_name)
+    atoms = build_system(system_name) if start is None else start.copy()
     molecule = not atoms.pbc.any()
-    atoms.calc = TransIPCalculator(str(model), device=device)
+    atoms.calc = TransIPCalculator(str(model), device=device, cuda_graphs=cuda_graphs)
     rng = np.random.default_rng(seed)
-    if hasattr(vd, "thermalize_momenta"):
+    if start is not None:  # the shared thermalised state: its velocities, no thermostat here
+        vd.Stationary(atoms, preserve_temperature=False)
+        nvt_ps = 0.0
+    elif hasattr(vd, "thermalize_momenta"):
         vd.thermalize_momenta(atoms, TEMPERATURE_K, rng=rng)
     else:
         vd.MaxwellBoltzmannDistribution(atoms, temperature_K=TEMPERATURE_K, rng=rng)
-    vd.Stationary(atoms)
+    if start is None:
+        vd.Stationary(atoms)
     if molecule:
-        vd.ZeroRotation(atoms)
+        vd.ZeroRotation(atoms, preserve_temperature=start is None)
     nvt_steps = int(round(nvt_ps * 1000 / DT_FS))
     if nvt_steps:  # centre of mass held at rest by FixCom (ASE >= 3.28 deprecates fixcm=True)
         atoms.set_constraint(FixCom())
@@ -239,11 +298,13 @@ def run_ase(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: int,
         temps.append(2 * ke / (dof * units.kB))
 
     clock = clock or Clock()
-    start = time.perf_counter()
+    t0 = time.perf_counter()
 
     def record():
-        return nve_record("ase", system_name, atoms, steps, nvt_steps, dyn.nsteps,
-                          time.perf_counter() - start, times, totals, temps, stopped)
+        r = nve_record("ase", system_name, atoms, steps, nvt_steps, dyn.nsteps,
+                       time.perf_counter() - t0, times, totals, temps, stopped)
+        r.update(cuda_graphs=cuda_graphs)
+        return r
 
     stopped = False
     sample()
@@ -273,14 +334,18 @@ def openmm_properties(platform: str, dtype: str, threads: int, precision: str = 
 
 def run_openmm(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: int,
                system_name: str, threads: int, platform_name: str = "CPU", cuda_graphs: bool = False,
-               precision: str = "auto", dtype: str = "float64", clock: Optional[Clock] = None) -> Dict:
+               precision: str = "auto", dtype: str = "float64", clock: Optional[Clock] = None,
+               start=None, write_state: Optional[Path] = None) -> Dict:
+    """NVE in OpenMM; ``start``: begin from that state (no thermostat here); ``write_state``:
+    stop after the NVT and write its end state there (the shared start of the other runs)."""
     import openmm
     import openmm.unit as u
 
-    from transip_md.units import KJ_PER_MOL_PER_EV
+    from transip_md.units import ANGSTROM_PER_NM, ASE_VELOCITY_PER_NM_PER_PS, KJ_PER_MOL_PER_EV
     from transip_openmm import make_torch_force, topology_from_ase
 
-    atoms = build_system(system_name)
+    atoms = build_system(system_name) if start is None else start.copy()
+    ase_per_openmm_velocity = ASE_VELOCITY_PER_NM_PER_PS
     periodic = bool(atoms.pbc.any())
     topology, positions = topology_from_ase(atoms)
     system = openmm.System()
@@ -305,19 +370,31 @@ def run_openmm(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: i
                           rotation=not periodic)
         context.setVelocities(v * (u.nanometer / u.picosecond))
 
-    nvt_steps = int(round(nvt_ps * 1000 / DT_FS))
+    nvt_steps = 0 if start is not None else int(round(nvt_ps * 1000 / DT_FS))
     langevin = openmm.LangevinMiddleIntegrator(TEMPERATURE_K * u.kelvin, 10.0 / u.picosecond,
                                                DT_FS * u.femtosecond)
     langevin.setRandomNumberSeed(seed)
     context = openmm.Context(system, langevin, platform, props)
     context.setPositions(positions)
-    context.setVelocitiesToTemperature(TEMPERATURE_K * u.kelvin, seed)
+    if start is not None:
+        context.setVelocities(start.get_velocities() / ase_per_openmm_velocity
+                              * (u.nanometer / u.picosecond))
+    else:
+        context.setVelocitiesToTemperature(TEMPERATURE_K * u.kelvin, seed)
     zero(context)
     if nvt_steps:
         langevin.step(nvt_steps)
     zero(context)
     state = context.getState(getPositions=True, getVelocities=True)
     del context
+    if write_state is not None:
+        end = atoms.copy()
+        end.positions = state.getPositions(asNumpy=True).value_in_unit(u.nanometer) * ANGSTROM_PER_NM
+        end.set_velocities(state.getVelocities(asNumpy=True).value_in_unit(u.nanometer / u.picosecond)
+                           * ase_per_openmm_velocity)
+        write_state_path = Path(write_state)
+        write_start_state(write_state_path, end, nvt_ps, f"openmm-{platform_name}", seed)
+        return {"engine": "openmm", "wrote_state": str(write_state_path), "nvt_steps": nvt_steps}
 
     verlet = openmm.VerletIntegrator(DT_FS * u.femtosecond)
     context = openmm.Context(system, verlet, platform, props)
@@ -375,14 +452,9 @@ pair_coeff      * * {model} {elements}
 neighbor        1.0 bin
 neigh_modify    every 1 delay 0 check yes
 timestep        {dt_ps}
-velocity        all create {temp} {seed} mom yes rot {rot} dist gaussian
-{temp_dof}thermo_style    custom step time temp pe ke etotal
+{velocity}{temp_dof}thermo_style    custom step time temp pe ke etotal
 thermo_modify   norm no format float %.12f flush yes
-thermo          {thermo_nvt}
-fix             nvt all nvt temp {temp} {temp} 0.05
-run             {nvt_steps}
-unfix           nvt
-{zero_after_nvt}reset_timestep  0
+{nvt}{zero_after_nvt}reset_timestep  0
 fix             nve all nve
 thermo          {every}
 print           "NVE_START"
@@ -414,12 +486,14 @@ def parse_nve_log(text: str) -> Tuple[np.ndarray, Optional[float]]:
 
 def run_lammps(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: int,
                workdir: Path, system_name: str, threads: int, device: str = "cpu",
-               clock: Optional[Clock] = None) -> Dict:
+               clock: Optional[Clock] = None, start=None) -> Dict:
+    """NVE in LAMMPS after its own Nose-Hoover NVT, or (``start``) from that state's positions
+    and velocities, written into the data file (metal units: Å/ps)."""
     from ase.io import write
 
     from transip_md.lammps import lammps_env, lmp_executable, plugin_path
 
-    atoms = build_system(system_name)
+    atoms = build_system(system_name) if start is None else start.copy()
     molecule = not atoms.pbc.any()
     elements = sorted(set(atoms.get_chemical_symbols()), key=lambda e: (e != "O", e))  # O, then A-Z
     data = workdir / f"{system_name}.data"
@@ -427,8 +501,16 @@ def run_lammps(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: i
         atoms = atoms.copy()
         atoms.cell = np.eye(3) * VACUUM_BOX_A
         atoms.center()
-    write(data, atoms, format="lammps-data", specorder=elements, masses=True)
-    nvt_steps = int(round(nvt_ps * 1000 / DT_FS))
+    write(data, atoms, format="lammps-data", specorder=elements, masses=True,
+          velocities=start is not None, units="metal")
+    nvt_steps = 0 if start is not None else int(round(nvt_ps * 1000 / DT_FS))
+    velocity = "velocity        all zero linear\n" if start is not None else (
+        f"velocity        all create {TEMPERATURE_K} {seed} mom yes rot "
+        f"{'yes' if molecule else 'no'} dist gaussian\n")
+    nvt = "" if start is not None else (
+        f"thermo          {max(1, nvt_steps)}\n"
+        f"fix             nvt all nvt temp {TEMPERATURE_K} {TEMPERATURE_K} 0.05\n"
+        f"run             {nvt_steps}\nunfix           nvt\n")
     steps = int(round(ps * 1000 / DT_FS))
     tag = f"{system_name}_{Path(model).stem}"
     deck = workdir / f"in.nve_{tag}"
@@ -443,17 +525,15 @@ def run_lammps(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: i
         timeout=timeout,
         boundary="s s s" if molecule else "p p p", data=data, plugin=plugin_path(),
         pair_args=pair_args, model=model,
-        elements=" ".join(elements), dt_ps=DT_FS / 1000.0, temp=TEMPERATURE_K, seed=seed,
-        rot="yes" if molecule else "no",
+        elements=" ".join(elements), dt_ps=DT_FS / 1000.0, velocity=velocity, nvt=nvt,
         temp_dof="compute_modify  thermo_temp extra/dof 6\n" if molecule else "",
-        thermo_nvt=max(1, nvt_steps), nvt_steps=nvt_steps,
         zero_after_nvt="velocity        all zero linear\nvelocity        all zero angular\n"
         if molecule else "",
         every=sample_every, steps=steps))
     log = workdir / f"lammps_{tag}.log"
     env = lammps_env()
     env["OMP_NUM_THREADS"] = str(threads)  # libtorch intra-op threads; one MPI rank (no mpirun)
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     screen = workdir / f"lammps_{tag}.screen"
     nve_wall = None  # wall time at which NVE_START appeared (steps/s of a partial run)
 
@@ -484,7 +564,7 @@ def run_lammps(model: Path, ps: float, nvt_ps: float, sample_every: int, seed: i
     if len(rows) == 0:
         raise RuntimeError(f"LAMMPS wrote no NVE rows (log {log}); the NVT part used up the "
                            "wall budget?" if timeout else f"LAMMPS wrote no NVE rows (log {log})")
-    r = record(text, loop_time if loop_time is not None else time.perf_counter() - start)
+    r = record(text, loop_time if loop_time is not None else time.perf_counter() - t0)
     return r
 
 
@@ -552,7 +632,7 @@ def engine_variant(engine: str, args) -> str:
         return f"openmm-{args.openmm_platform}" + ("-graphs" if args.cuda_graphs else "")
     if engine == "lammps":
         return f"lammps-{args.lammps_device}"
-    return f"ase-{args.ase_device}"
+    return f"ase-{args.ase_device}" + ("-graphs" if args.ase_cuda_graphs else "")
 
 
 def write_json(out: Path, results: List[Dict], system_name: str, threads: int) -> None:
@@ -591,6 +671,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--lammps-device", default="cpu", choices=("cpu", "cuda"),
                    help="pair_style transip device")
     p.add_argument("--ase-device", default="cpu", help="TransIPCalculator device (cpu, cuda)")
+    p.add_argument("--ase-cuda-graphs", action="store_true",
+                   help="ASE: TransIPCalculator(cuda_graphs=True) (static-shape path replayed "
+                        "from a CUDA graph; --ase-device cuda)")
+    p.add_argument("--write-state", default=None,
+                   help="only thermalise (--nvt-ps of OpenMM Langevin, one --dtypes entry) and "
+                        "write the end state (extended XYZ with velocities) to this file")
+    p.add_argument("--start-state", default=None,
+                   help="start every engine's NVE from this state (a --write-state file) "
+                        "instead of its own thermostat run")
     p.add_argument("--budget-s", type=float, default=None,
                    help="wall-clock budget of this process (s): NVE stops when it is spent and "
                         "the ps reached are reported; partial results are written every 30 s")
@@ -611,6 +700,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error("--model is one file: give exactly one --dtypes entry (its dtype)")
     if args.model and not Path(args.model).is_file():
         p.error(f"--model {args.model}: no such file")
+    if args.write_state and (engines != ["openmm"] or len(dtypes) != 1 or args.start_state):
+        p.error("--write-state thermalises with one engine: --engines openmm, one --dtypes entry, "
+                "no --start-state")
+    if args.write_state and Path(args.write_state).exists():
+        p.error(f"--write-state {args.write_state} exists; this script writes only new files")
+    if args.start_state and not Path(args.start_state).is_file():
+        p.error(f"--start-state {args.start_state}: no such file")
+    if args.ase_cuda_graphs and not args.ase_device.startswith("cuda"):
+        p.error("--ase-cuda-graphs needs --ase-device cuda")
     deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
     # before torch is first imported (libgomp reads it once), and for the LAMMPS subprocess
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
@@ -628,6 +726,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from transip_md.export import default_model_path
 
+    start = read_start_state(Path(args.start_state), args.system) if args.start_state else None
+    if start is not None:  # the NVT happened where the state was made
+        nvt_ps = float(start.info.get("nvt_ps", 0.0))
+    if args.write_state:
+        model = Path(args.model).resolve() if args.model else default_model_path(dtypes[0])
+        r = run_openmm(model, 0.0, nvt_ps, sample_every, args.seed, args.system, args.threads,
+                       args.openmm_platform, args.cuda_graphs, args.openmm_precision, dtypes[0],
+                       write_state=Path(args.write_state))
+        print(f"{nvt_ps:g} ps NVT ({r['nvt_steps']} steps, OpenMM {args.openmm_platform}); "
+              f"wrote {r['wrote_state']}")
+        return 0
+
     results: List[Dict] = []
     for dtype in dtypes:
         model = Path(args.model).resolve() if args.model else default_model_path(dtype)
@@ -637,7 +747,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                   flush=True)
             wall = time.perf_counter()
             meta = dict(variant=variant, dtype=dtype, ps=args.ps, nvt_ps=nvt_ps, dt_fs=DT_FS,
-                        model=str(model), threads=args.threads, budget_s=args.budget_s)
+                        model=str(model), threads=args.threads, budget_s=args.budget_s,
+                        start_state=(dict(path=str(args.start_state), **{
+                            k: (start.info[k].item() if hasattr(start.info[k], "item") else start.info[k])
+                            for k in ("thermalised_by", "seed", "nvt_ps") if k in start.info})
+                            if start is not None else None))
 
             def progress(partial, meta=meta, wall=wall):  # a run still going: readable by collect
                 partial.update(meta, partial=True, wall_seconds=time.perf_counter() - wall)
@@ -647,14 +761,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             try:
                 if engine == "ase":
                     r = run_ase(model, args.ps, nvt_ps, sample_every, args.seed, args.system,
-                                args.ase_device, clock)
+                                args.ase_device, clock, start, args.ase_cuda_graphs)
                 elif engine == "openmm":
                     r = run_openmm(model, args.ps, nvt_ps, sample_every, args.seed, args.system,
                                    args.threads, args.openmm_platform, args.cuda_graphs,
-                                   args.openmm_precision, dtype, clock)
+                                   args.openmm_precision, dtype, clock, start)
                 else:
                     r = run_lammps(model, args.ps, nvt_ps, sample_every, args.seed, out,
-                                   args.system, args.threads, args.lammps_device, clock)
+                                   args.system, args.threads, args.lammps_device, clock, start)
                 if len(r["times_ps"]) < 3:  # e.g. the wall budget ran out in NVT: keep the record
                     raise RuntimeError(f"only {len(r['times_ps'])} NVE samples in the wall budget "
                                        f"({r['steps_done']} NVE steps)")
