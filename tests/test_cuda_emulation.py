@@ -35,6 +35,13 @@ CASES = {
     "ghosts_negative_f64": ("double", 7, 15, 9, 32, 4, 6, 2, True),
     "small_f32": ("float", 5, 7, 6, 16, 2, 4, 2, False),
     "scratch_f32": ("float", 1, 6, 420, 32, 16, 4, 20, False),
+    # The head classes of head_sums' butterfly (the per-slot logit sums): H = 1 (no transpose
+    # rounds), H = 6 (padded to 8: zero heads), H = 32 (one lane per head, no single-value
+    # rounds) and H = 64 (> 32 lanes: the per-head warp_sum fallback).
+    "h1_f64": ("double", 3, 5, 5, 8, 1, 3, 1, False),
+    "h6_padded_f32": ("float", 4, 7, 7, 24, 6, 5, 2, True),
+    "h32_f32": ("float", 2, 5, 6, 64, 32, 4, 1, False),
+    "h64_fallback_f64": ("double", 2, 4, 5, 64, 64, 3, 1, True),
 }
 # Each emulated shuffle is two barriers of 32 threads, so the scratch case (many slots x heads)
 # is the slow one: it runs with the default variant only (its global-scratch path is the same

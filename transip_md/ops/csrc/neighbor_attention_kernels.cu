@@ -525,7 +525,7 @@ extern "C" __global__ void __launch_bounds__(NT) na_backward(NA_BACKWARD_PARAMS)
 #define D_ (W_ >= H_ ? W_ / H_ : 1)  // head width (1 only in builds never launched: W_ < H_)
 #define W3 (3 * W_)                  // qkv row length
 
-// acc[h] += this lane's share of a[h D .. h D + D) . b[h D .. h D + D) (warp_sum completes it):
+// acc[h] += this lane's share of a[h D .. h D + D) . b[h D .. h D + D) (head_sums completes it):
 // the lanes go over the columns of one head at a time, the heads unrolled (compile-time acc
 // index: the accumulators stay in registers). With D < 32 lanes idle, but each lane then does
 // H multiply-adds per slot, no more than lanes over all W columns with a select of the head
@@ -543,10 +543,70 @@ __device__ __forceinline__ void head_dots(T (&acc)[H_], const T* __restrict__ a,
 // columns. Two loops instead of one with a branch: ptxas spilled registers in the latter.
 __device__ __forceinline__ int first_edge_column(int tid) { return (tid + NT - W_ % NT) % NT; }
 
-// Logits of one valid slot without the bias, for all heads, in every lane of the calling warp:
-// acc[h] = scale q_i,h . k_j,h + e . q_edge[h, i] (the edge row e; q_edge[h, i, c] at
-// qe[h RE + c]). naq_forward and naq_backward share it, so the backward recomputes the same
-// logits.
+// The butterfly of head_sums: H_ padded to a power of two (the padding heads are zeros), or 0
+// where it does not apply (H_ > 32: more heads than lanes).
+__device__ constexpr int heads_p2() {
+  int p = 1;
+  while (p < H_) p <<= 1;
+  return H_ <= 32 ? p : 0;
+}
+#define HP (heads_p2())
+
+// One "transpose-reduce" round over the N values v[0 .. N) each lane still holds: partner lanes
+// (lane ^ O, O = 16 N / HP) swap halves, the lane with bit O set keeping the upper half, so each
+// sends and receives N / 2 values and both end with N / 2 pairwise sums. Template recursion:
+// every index of v is a compile-time constant (registers, no local memory).
+template <int N>
+__device__ __forceinline__ void butterfly(T (&v)[HP > 0 ? HP : 1], int lane) {
+  if constexpr (N > 1) {
+    constexpr int half = N / 2, O = 16 * N / HP;
+    const bool up = lane & O;
+#pragma unroll
+    for (int j = 0; j < half; ++j) {
+      const T send = up ? v[j] : v[j + half];
+      const T keep = up ? v[j + half] : v[j];
+      v[j] = keep + __shfl_xor_sync(FULL_MASK, send, O);
+    }
+    butterfly<half>(v, lane);
+  }
+}
+
+// Completes the per-lane partial sums acc[h] of a warp (every lane of it calling) and calls
+// put(h, sum of acc[h] over the 32 lanes) exactly once per head h, from one lane of the warp.
+// A warp_sum per head costs 5 H shuffles (40 at H = 8). The butterfly instead halves the values
+// per lane each round: HP / 2 + HP / 4 + ... + 1 shuffles leave lane l with head l / (32 / HP)
+// summed over its group of 32 / HP lanes, and log2(32 / HP) single-value rounds finish the
+// group: HP - 1 + 5 - log2 HP shuffles (H = 8: 7 + 2 = 9; H = 16: 16; H = 32: 31; H = 1: 5;
+// H = 6, padded to 8: 9 instead of 30), and the lanes of different heads store at once. Lanes of
+// a group end with equal sums (the adds are commutative); the group's first lane stores. The
+// summation order differs from warp_sum's, but forward and backward share it (same logits).
+// H_ > 32: warp_sum per head (5 H shuffles), lane 0 stores.
+template <typename Put>
+__device__ __forceinline__ void head_sums(T (&acc)[H_], int lane, Put put) {
+  if constexpr (HP > 0) {
+    T v[HP > 0 ? HP : 1];
+#pragma unroll
+    for (int h = 0; h < HP; ++h) v[h] = h < H_ ? acc[h] : (T)0;
+    butterfly<HP>(v, lane);
+#pragma unroll
+    for (int o = 16 / HP; o > 0; o >>= 1) v[0] += __shfl_xor_sync(FULL_MASK, v[0], o);
+    constexpr int G = 32 / HP;  // lanes per head
+    const int h = lane / G;
+    if (lane % G == 0 && h < H_) put(h, v[0]);
+  } else {
+#pragma unroll
+    for (int h = 0; h < H_; ++h) acc[h] = warp_sum(acc[h]);
+    if (lane == 0) {
+#pragma unroll
+      for (int h = 0; h < H_; ++h) put(h, acc[h]);
+    }
+  }
+}
+
+// This lane's partial logits of one valid slot without the bias, for all heads (head_sums
+// completes them): acc[h] = scale q_i,h . k_j,h + e . q_edge[h, i] (the edge row e; q_edge[h, i,
+// c] at qe[h RE + c]). naq_forward and naq_backward share it and head_sums, so the backward
+// recomputes the same logits.
 __device__ __forceinline__ void slot_logits(T (&acc)[H_], const T* __restrict__ qi,
                                             const T* __restrict__ kj, const T* __restrict__ ek,
                                             const T* __restrict__ qe, i64 RE, T scale,
@@ -561,8 +621,6 @@ __device__ __forceinline__ void slot_logits(T (&acc)[H_], const T* __restrict__ 
 #pragma unroll
     for (int h = 0; h < H_; ++h) acc[h] += v * qe[h * RE + c];
   }
-#pragma unroll
-  for (int h = 0; h < H_; ++h) acc[h] = warp_sum(acc[h]);
 }
 
 // Forward. Per row i: l[k,h] = scale q_i,h . k_j,h + edge[i,k] . q_edge[h,i] + bias[i,k,h]
@@ -586,15 +644,13 @@ naq_forward(const T* __restrict__ qkv, const i64* __restrict__ gidx, const T* __
   load_slots(gidx, env, i, K, M, s_idx, s_env);
   __syncthreads();
 
-  // 1. Logits of the valid slots: one warp per slot, lanes over the columns.
+  // 1. Logits of the valid slots: one warp per slot, lanes over the columns; head_sums: 9
+  // shuffles per slot at H = 8 (a warp_sum per head: 40).
   for (int k = warp; k < K; k += NWARP) {
     if (!(s_env[k] > (T)0)) continue;  // uniform over the warp
     T acc[H_];
     slot_logits(acc, qi, qkv + s_idx[k] * W3 + W_, edge + (i * K + k) * E_, qe, RE, scale, lane);
-    if (lane == 0) {
-#pragma unroll
-      for (int h = 0; h < H_; ++h) L[k * H_ + h] = acc[h] + bias[(i * K + k) * H_ + h];
-    }
+    head_sums(acc, lane, [&](int h, T l) { L[k * H_ + h] = l + bias[(i * K + k) * H_ + h]; });
   }
   __syncthreads();
 
@@ -705,7 +761,8 @@ naq_backward(const T* __restrict__ g_v, const T* __restrict__ g_edge,
 
   // 1. Per slot (one warp each): t from the recomputed logit (valid slots only), then ga.
   // The two are done one after the other (the edge row is read twice, from L1): with both sets
-  // of H accumulators live at once ptxas spilled registers.
+  // of H accumulators live at once ptxas spilled registers. head_sums: 2 x 9 shuffles per valid
+  // slot at H = 8 (a warp_sum per head: 2 x 40).
   for (int k = warp; k < K; k += NWARP) {
     const bool valid = s_env[k] > (T)0;  // uniform over the warp
     const T* kj = qkv + s_idx[k] * W3 + W_;
@@ -713,14 +770,11 @@ naq_backward(const T* __restrict__ g_v, const T* __restrict__ g_edge,
     if (valid) {
       T al[H_];
       slot_logits(al, qi, kj, ek, qe, RE, scale, lane);
-      if (lane == 0) {
-#pragma unroll
-        for (int h = 0; h < H_; ++h)
-          L[k * H_ + h] = exp_t(al[h] + bias[(i * K + k) * H_ + h] - s_m[h]);
-      }
-    } else if (lane == 0) {
-#pragma unroll
-      for (int h = 0; h < H_; ++h) L[k * H_ + h] = 1;
+      head_sums(al, lane, [&](int h, T l) {
+        L[k * H_ + h] = exp_t(l + bias[(i * K + k) * H_ + h] - s_m[h]);
+      });
+    } else {
+      for (int h = lane; h < H_; h += 32) L[k * H_ + h] = 1;
     }
     T ag[H_];
 #pragma unroll
@@ -731,12 +785,7 @@ naq_backward(const T* __restrict__ g_v, const T* __restrict__ g_edge,
 #pragma unroll
       for (int h = 0; h < H_; ++h) ag[h] += v * ge[h * E_ + c];
     }
-#pragma unroll
-    for (int h = 0; h < H_; ++h) ag[h] = warp_sum(ag[h]);
-    if (lane == 0) {
-#pragma unroll
-      for (int h = 0; h < H_; ++h) G[k * H_ + h] = ag[h] + g_sum[i * H_ + h];
-    }
+    head_sums(ag, lane, [&](int h, T g) { G[k * H_ + h] = g + g_sum[i * H_ + h]; });
   }
   __syncthreads();
 
