@@ -184,6 +184,16 @@ def soak_summary(name: str, doc: Dict) -> Dict:
     measured = [c for c in changes if c is not None]
     row["flat"] = bool(len(blocks) >= 2 and measured and all(abs(c) <= FLAT_TOLERANCE for c in measured))
     row["temperature_ok"] = bool(row["temperature_max_deviation"] <= TEMPERATURE_TOLERANCE)
+    # Other processes on the GPU (soak.py counts nvidia-smi's compute apps per block): a run that
+    # starts or ends beside the soak moves its steps/s without any fault of its own. Where the
+    # first and last blocks saw different loads, the steps/s change is also given between the
+    # first block and the last block that saw the first block's load.
+    loads = [b.get("gpu_processes") for b in blocks]
+    row["gpu_processes_first"], row["gpu_processes_last"] = loads[0], loads[-1]
+    row["load_changed"] = bool(loads[0] is not None and loads[-1] is not None and loads[0] != loads[-1])
+    same = [b for b in blocks if b.get("gpu_processes") == loads[0]] if row["load_changed"] else []
+    row["steps_per_s_change_same_load"] = (
+        _relative_change(first["steps_per_s"], same[-1]["steps_per_s"]) if len(same) >= 2 else None)
     row["ok"] = bool(row["flat"] and row["temperature_ok"] and not row["nan"] and not row["error"])
     return row
 
@@ -231,6 +241,10 @@ def table(nve: List[Dict], soak: List[Dict]) -> str:
             notes.append(f"error: {r['error'][:60]}")
         if r["nan"]:
             notes.append("NaN")
+        if r.get("load_changed"):
+            notes.append(f"GPU load changed ({r['gpu_processes_first']} -> {r['gpu_processes_last']} "
+                         f"processes); steps/s at the first block's load: "
+                         f"{_f(r['steps_per_s_change_same_load'], '+.1%')}")
         lines.append(
             f"{r['run']:<28} {r['steps_done']:>8} {r['n_blocks']:>6} {_f(r['steps_per_s_first'], '11.1f')} "
             f"{_f(r['steps_per_s_last'], '7.1f')} {_f(r['steps_per_s_change'], '+7.1%')} "

@@ -56,7 +56,8 @@ MB = 1024.0 * 1024.0
 def gpu_memory() -> Dict[str, Optional[float]]:
     """torch's allocator statistics of this process, its nvidia-smi line, the device total."""
     out: Dict[str, Optional[float]] = {"torch_allocated_mb": None, "torch_reserved_mb": None,
-                                       "process_used_mb": None, "device_used_mb": None}
+                                       "process_used_mb": None, "device_used_mb": None,
+                                       "gpu_processes": None}
     try:
         import torch
 
@@ -70,10 +71,13 @@ def gpu_memory() -> Dict[str, Optional[float]]:
     try:
         smi = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
                               "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
-        for line in smi.stdout.splitlines():
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) == 2 and parts[0] == str(os.getpid()):
+        apps = [[p.strip() for p in line.split(",")] for line in smi.stdout.splitlines()]
+        apps = [parts for parts in apps if len(parts) == 2]
+        for parts in apps:
+            if parts[0] == str(os.getpid()):
                 out["process_used_mb"] = float(parts[1])
+        if smi.returncode == 0:  # the GPU's load: other runs starting or ending move steps/s
+            out["gpu_processes"] = len(apps)
     except (OSError, subprocess.SubprocessError, ValueError):
         pass
     return out

@@ -106,3 +106,19 @@ def test_soak_verdicts():
     nan = _blocks([300] * 2, [50] * 2, [300] * 2)
     nan[1]["potential_energy_ev"] = float("nan")
     assert alr.soak_summary("e", dict(base, blocks=nan))["nan"]
+
+
+def test_soak_load_change_is_reported_not_hidden():
+    """A soak whose last block ran after the other GPU runs ended: the literal verdict stays
+    NOT flat (first vs last block), and the change at the first block's load is reported."""
+    base = {"engine": "openmm", "temperature_k": 300.0, "steps": 40_000, "timestep_fs": 0.5}
+    blocks = _blocks([230, 232, 235, 270], [139] * 4, [300] * 4)
+    for b, n in zip(blocks, [12, 12, 12, 1]):
+        b["gpu_processes"] = n
+    row = alr.soak_summary("f", dict(base, blocks=blocks))
+    assert not row["flat"] and row["load_changed"]
+    assert (row["gpu_processes_first"], row["gpu_processes_last"]) == (12, 1)
+    assert row["steps_per_s_change_same_load"] == pytest.approx(235 / 230 - 1)
+    assert "GPU load changed (12 -> 1 processes)" in alr.table([], [row])
+    steady = alr.soak_summary("g", dict(base, blocks=_blocks([230] * 4, [139] * 4, [300] * 4)))
+    assert not steady["load_changed"] and steady["steps_per_s_change_same_load"] is None
