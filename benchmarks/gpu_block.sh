@@ -15,6 +15,9 @@
 #   c: bash benchmarks/gpu_block.sh c $OUT   collect the long runs (and the study).
 #   bc: b, then c's snapshots until ~585 s after the call began (the runs' first call, whole);
 #      the next call, right after (the machine stays warm ~30 s), is c.
+#   s: bc with the two soaks only (OpenMM 200,000 steps, LAMMPS 40,000), so that no other run's
+#      start or end moves their steps/s (2026-12-02, beside ten NVE runs: OpenMM's last block
+#      ran 15 % faster once the others had stopped); then c.
 #   k: bash benchmarks/gpu_block.sh k $OUT   carry .device_carry/{wheels,lammps-cp312.tar.xz}
 #      one kernel iteration alone: op tests, TransIP reference vs fused-qkv, ops_bench, LAMMPS.
 #
@@ -184,6 +187,7 @@ step_c() {
 }
 
 case $STEP in
-    a) step_a ;; b) step_b ;; bc) step_bc ;; b-clean) step_b_clean ;; c) step_c ;; k) step_k ;;
-    *) echo "usage: gpu_block.sh a|b|bc|c|k OUT" >&2; exit 2 ;;
+    a) step_a ;; b) step_b ;; bc) step_bc ;;
+    s) LONGRUN_RUNS="soak-openmm-graphs-1536 soak-lammps-cuda-1536" LONGRUN_BEFORE_START="" step_bc ;; b-clean) step_b_clean ;; c) step_c ;; k) step_k ;;
+    *) echo "usage: gpu_block.sh a|b|bc|s|c|k OUT" >&2; exit 2 ;;
 esac

@@ -199,7 +199,8 @@ launch() {
         bash -c "$LONGRUN_BEFORE_START"
     fi
     start_mps
-    thermalise
+    # the shared start only where an NVE run will read it
+    [[ -z ${LONGRUN_RUNS:-} || $LONGRUN_RUNS == *nve-* ]] && thermalise
     local now=$(date +%s)
     local deadline=$(( now + BUDGET ))
     echo $deadline > "$D/deadline"
