@@ -42,6 +42,9 @@ CASES = {
     "h6_padded_f32": ("float", 4, 7, 7, 24, 6, 5, 2, True),
     "h32_f32": ("float", 2, 5, 6, 64, 32, 4, 1, False),
     "h64_fallback_f64": ("double", 2, 4, 5, 64, 64, 3, 1, True),
+    # W > 256 threads: two columns per thread (naq_backward_kv's slot groups with CPT = 2);
+    # K = 12: one group of 8 slots of slot_column_sum plus a remainder of 4.
+    "w512_two_columns_f32": ("float", 3, 6, 12, 512, 8, 4, 3, True),
 }
 # Each emulated shuffle is two barriers of 32 threads, so the scratch case (many slots x heads)
 # is the slow one: it runs with the default variant only (its global-scratch path is the same

@@ -543,6 +543,40 @@ __device__ __forceinline__ void head_dots(T (&acc)[H_], const T* __restrict__ a,
 // columns. Two loops instead of one with a branch: ptxas spilled registers in the latter.
 __device__ __forceinline__ int first_edge_column(int tid) { return (tid + NT - W_ % NT) % NT; }
 
+// Slots per group in the slot loops of the column passes (slot_column_sum): UCOL row loads in
+// flight per thread. 8: no more registers than 4 at any checked size (W, H, E of test_ops).
+#define UCOL 8
+
+// sum over the slots k with use(s_env[k]) of w[k H] col[s_idx[k] W3], in slot order: one column
+// of the gathered rows (col = qkv + part offset + c) weighted by one head's [K, H] values (w =
+// the [K, H] array + the head). One gathered load per slot, each consumed at once, left these
+// loops latency-bound (one load in flight per thread), so the slots go in groups of UCOL: the
+// group's row loads (independent addresses) are all issued before its first multiply-add. A
+// slot without use loads nothing (predicated load of 0) and adds w * 0 = 0 (w is finite): the
+// same sums as skipping it. Every s_idx is a row in [0, M) (load_slots traps otherwise),
+// padded slots included.
+template <typename Use>
+__device__ __forceinline__ T slot_column_sum(const T* __restrict__ col, const T* w,
+                                             const i64* s_idx, const T* s_env, int K, Use use) {
+  T acc = 0;
+  int k = 0;
+#pragma unroll 1
+  for (; k + UCOL <= K; k += UCOL) {
+    T a[UCOL], v[UCOL];
+#pragma unroll
+    for (int u = 0; u < UCOL; ++u) {
+      v[u] = use(s_env[k + u]) ? col[s_idx[k + u] * W3] : (T)0;
+      a[u] = w[(k + u) * H_];
+    }
+#pragma unroll
+    for (int u = 0; u < UCOL; ++u) acc += a[u] * v[u];
+  }
+#pragma unroll 1
+  for (; k < K; ++k)
+    if (use(s_env[k])) acc += w[k * H_] * col[s_idx[k] * W3];
+  return acc;
+}
+
 // The butterfly of head_sums: H_ padded to a power of two (the padding heads are zeros), or 0
 // where it does not apply (H_ > 32: more heads than lanes).
 __device__ constexpr int heads_p2() {
@@ -690,16 +724,21 @@ naq_forward(const T* __restrict__ qkv, const i64* __restrict__ gidx, const T* __
   __syncthreads();
 
   // 3. Aggregation: threads over the W value columns (one head each; coalesced reads of each
-  // gathered v row), then over the E edge columns (all heads per thread).
-  for (int c = tid; c < W_; c += NT) {
-    const int hc = c / D_;
-    T acc = 0;
-    for (int k = 0; k < K; ++k) {
-      if (s_env[k] == (T)0) continue;  // uniform over the block
-      acc += L[k * H_ + hc] * qkv[s_idx[k] * W3 + 2 * W_ + c];
-    }
-    agg_v[i * W_ + c] = acc;
-  }
+  // gathered v row; UCOL slots' loads in flight per thread: slot_column_sum), then over the E
+  // edge columns (all heads per thread). Slots with envelope 0 (a = 0) are skipped.
+  // With the weights in shared memory (no lbuf) the pass gets a pointer the compiler knows is
+  // shared (LDS, not generic loads): then ptxas keeps all UCOL row loads of a group ahead of
+  // its multiply-adds within this kernel's 32 registers (float, W 256, H 8); through the
+  // generic pointer it interleaved them (2-3 loads in flight).
+  const auto agg = [&](const T* w) {
+    for (int c = tid; c < W_; c += NT)
+      agg_v[i * W_ + c] = slot_column_sum(qkv + 2 * W_ + c, w + c / D_, s_idx, s_env, K,
+                                          [](T e) { return e != (T)0; });
+  };
+  if (lbuf)
+    agg(L);
+  else
+    agg(s_env + K);
   for (int e = first_edge_column(tid); e < E_; e += NT) {
     T acc[H_];
 #pragma unroll
@@ -853,15 +892,11 @@ naq_backward(const T* __restrict__ g_v, const T* __restrict__ g_edge,
       dqkv[i * W3 + c] = scale * dq;
     }
   } else {
-    for (int c = tid; c < W_; c += NT) {
-      const int hc = c / D_;
-      T dq = 0;
-      for (int k = 0; k < K; ++k) {
-        if (!(s_env[k] > (T)0)) continue;  // dl = 0 on invalid slots; uniform over the block
-        dq += G[k * H_ + hc] * qkv[s_idx[k] * W3 + W_ + c];
-      }
-      dqkv[i * W3 + c] = scale * dq;
-    }
+    // dq = sum over the valid slots (dl = 0 on the others) of dl k_j; UCOL slots' k_j loads in
+    // flight per thread (slot_column_sum).
+    for (int c = tid; c < W_; c += NT)
+      dqkv[i * W3 + c] = scale * slot_column_sum(qkv + W_ + c, G + c / D_, s_idx, s_env, K,
+                                                 [](T e) { return e > (T)0; });
   }
   for (int e = first_edge_column(tid); e < E_; e += NT) {
     T gr[H_], qr[H_], dq[H_];
@@ -900,6 +935,10 @@ naq_backward_kv(const T* __restrict__ qkv, const T* __restrict__ g_v, const T* _
                 const T* __restrict__ aw, const i64* __restrict__ order,
                 const i64* __restrict__ ptr, T* __restrict__ dqkv, int K, T scale) {
   constexpr int CPT = (W_ + NT - 1) / NT;  // columns per thread
+  // Slots per group: 4 CPT loads per slot (two weights, two row entries per column), so 16
+  // loads in flight at CPT 1 (40 registers at W 256 float: 6 blocks per SM instead of 8, but 4
+  // slots in flight per thread instead of 1), 8 CPT at CPT > 1.
+  constexpr int UKV = CPT > 1 ? 2 : 4;
   __shared__ i64 s_slot[NT];
   __shared__ i64 s_row[NT];
   const i64 j = blockIdx.x;
@@ -917,7 +956,39 @@ naq_backward_kv(const T* __restrict__ qkv, const T* __restrict__ g_v, const T* _
       s_row[tid] = s / K;
     }
     __syncthreads();
-    for (int q = 0; q < n; ++q) {
+    // Slots in groups of UKV: the group's loads (dl, aw weights; q_i, g_v rows) are all issued
+    // before its first multiply-add, UKV slots' loads in flight per thread instead of one (one
+    // slot at a time the loop was latency-bound, ~5x below bandwidth on the H200). The sums
+    // stay in slot order: the same results as one slot at a time, deterministic.
+    int q = 0;
+#pragma unroll 1
+    for (; q + UKV <= n; q += UKV) {
+      T wk[UKV][CPT], xk[UKV][CPT], wv[UKV][CPT], xv[UKV][CPT];
+#pragma unroll
+      for (int r = 0; r < UKV; ++r) {
+        const i64 s = s_slot[q + r], i = s_row[q + r];
+#pragma unroll
+        for (int u = 0; u < CPT; ++u) {
+          const int c = tid + u * NT;
+          const bool in = c < W_;
+          const int hc = in ? c / D_ : 0;
+          wk[r][u] = in ? dl[s * H_ + hc] : (T)0;
+          xk[r][u] = in ? qkv[i * W3 + c] : (T)0;
+          wv[r][u] = in ? aw[s * H_ + hc] : (T)0;
+          xv[r][u] = in ? g_v[i * W_ + c] : (T)0;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < UKV; ++r) {
+#pragma unroll
+        for (int u = 0; u < CPT; ++u) {
+          dk[u] += wk[r][u] * xk[r][u];
+          dv[u] += wv[r][u] * xv[r][u];
+        }
+      }
+    }
+#pragma unroll 1
+    for (; q < n; ++q) {
       const i64 s = s_slot[q], i = s_row[q];
 #pragma unroll
       for (int u = 0; u < CPT; ++u) {
