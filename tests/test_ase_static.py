@@ -7,7 +7,6 @@ refuse what it cannot do with a clear error. The graph replay itself is tested o
 
 import numpy as np
 import pytest
-import torch
 from ase.build import molecule
 
 from transip_md.calculator import TransIPCalculator

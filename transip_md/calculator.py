@@ -49,6 +49,11 @@ class TransIPCalculator(Calculator):
         self.model_path = str(model_path) if model_path is not None else str(default_model_path())
         self.metadata = read_metadata(self.model_path)
         self.device = torch.device(device)
+        if cuda_graphs and self.device.type != "cuda":  # before the model file is read
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, not {self.device}")
+        if cuda_graphs and low_memory:
+            raise ValueError("cuda_graphs and low_memory exclude each other: the graph path "
+                             "keeps every layer's activations (use one or the other)")
         needs = ("compute", "energy_static") if cuda_graphs else ("compute",)
         self.model = load_exported(self.model_path, device=self.device, needs=needs,
                                    who="the ASE calculator" + (" (cuda_graphs)" if cuda_graphs else ""))
@@ -61,11 +66,6 @@ class TransIPCalculator(Calculator):
         self.charge = charge
         self.spin = spin
         self.cuda_graphs = bool(cuda_graphs)
-        if self.cuda_graphs and self.device.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs a CUDA device, not {self.device}")
-        if self.cuda_graphs and low_memory:
-            raise ValueError("cuda_graphs and low_memory exclude each other: the graph path "
-                             "keeps every layer's activations (use one or the other)")
         self._capacities = {"neighbor_capacity": neighbor_capacity, "cell_capacity": cell_capacity}
         self._static: Optional[StaticForces] = None
         self._static_key = None

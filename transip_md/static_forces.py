@@ -112,11 +112,9 @@ class StaticForces:
         if pbc.any() and not pbc.all():
             raise ValueError("cuda_graphs needs a cell periodic along all three axes or none "
                              f"(atoms.pbc is {pbc.tolist()}); use cuda_graphs=False")
-        if cuda_graph and torch.device(device).type != "cuda":
-            raise ValueError(f"cuda_graphs needs a CUDA device, not {device}")
-        if not hasattr(model, "energy_static"):
-            raise ValueError("this model file has no static-shape path (energy_static); "
-                             "re-export it with this transip-md (python -m transip_md.export ...)")
+        # the model's declaration (energy_static) and the device are the loader's and the
+        # calculator's to check, once, before anything is built (load_exported(needs=...));
+        # capture_static_graph refuses non-CUDA inputs itself
         self.model, self.dtype, self.device = model, dtype, torch.device(device)
         self.cuda_graph, self.dynamic = cuda_graph, dynamic
         self.periodic = bool(pbc.all())
