@@ -164,6 +164,10 @@ def soak_summary(name: str, doc: Dict) -> Dict:
            "steps_done": sum(b["steps"] for b in blocks), "n_blocks": len(blocks),
            "finished": bool(doc.get("finished")), "stopped_by_budget": bool(doc.get("stopped_by_budget")),
            "memory_source": doc.get("memory_source"), "error": doc.get("error")}
+    # soak.py --partners: untimed steps waiting for the partners' warm-up, and after the last
+    # block keeping the GPU load on until they ended (None: no partners)
+    row["partner_wait_steps"] = doc.get("partner_wait_steps")
+    row["hold_steps"] = (sum(b["steps"] for b in doc["hold_blocks"]) if "hold_blocks" in doc else None)
     row["ps_done"] = row["steps_done"] * float(doc.get("timestep_fs", 0.5)) / 1000.0
     row["reached_issue_length"] = row["steps_done"] >= SOAK_MIN_STEPS.get(row["engine"] or "", 0)
     row["nan"] = any(not math.isfinite(b.get("potential_energy_ev", float("nan"))) for b in blocks)

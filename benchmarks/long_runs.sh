@@ -102,13 +102,26 @@ run_table() {
     # The OpenMM soak runs the fast path the docs recommend on GPUs (--kernels fused-qkv, the
     # same function as the reference export): 200,000 steps of the reference export at the
     # ~200 steps/s seen beside the other runs would outlast the budget.
-    echo "soak-openmm-graphs-1536|$PY $SOAK --engine openmm --platform $GPU --cuda-graphs --steps $S1 --model $M/transip-demo-float32-qkv.pt"
+    # The soaks time their blocks beside each other only (soak.py --partners): the first timed
+    # block waits for the other's warm-up, the one that ends first keeps the GPU busy until the
+    # other has ended, so neither's last block runs under a lighter load.
+    local SOAKS="soak-openmm-graphs-1536 soak-lammps-cuda-1536"
+    partners_of() {  # NAME: --partners with the soak.json of every other selected soak
+        local other list=""
+        for other in $SOAKS; do
+            [[ $other == "$1" ]] && continue
+            [[ -n ${LONGRUN_RUNS:-} && " $LONGRUN_RUNS " != *" $other "* ]] && continue
+            list+=" $D/runs/$other/soak.json"
+        done
+        [[ -n $list ]] && echo "--partners$list"
+    }
+    echo "soak-openmm-graphs-1536|$PY $SOAK --engine openmm --platform $GPU --cuda-graphs --steps $S1 --model $M/transip-demo-float32-qkv.pt $(partners_of soak-openmm-graphs-1536)"
     # LAMMPS: 5,000-step blocks and a 500-step warm-up (Nose-Hoover settles in ~5 x 0.05 ps): at
     # ~43 steps/s alone (less beside 11 other runs) 10,000-step blocks would give 1-3 blocks in the
     # budget, too few to judge flatness
     local LB=""
     [[ $TEST == 1 ]] || LB="--block 5000 --warmup 500"
-    echo "soak-lammps-cuda-1536|$PY $SOAK --engine lammps --device $LDEV --steps $S2 $LB --model $M/transip-demo-float32.pt"
+    echo "soak-lammps-cuda-1536|$PY $SOAK --engine lammps --device $LDEV --steps $S2 $LB --model $M/transip-demo-float32.pt $(partners_of soak-lammps-cuda-1536)"
 }
 
 thermalise() {  # the shared start state of the NVE runs (OpenMM Langevin, the fastest engine)

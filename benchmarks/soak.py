@@ -30,6 +30,12 @@ reading the temperature.
 Writes ``OUT/soak.json`` after every block (atomically; ``finished`` false until the end) and
 stops early, with ``stopped_by_budget``, when --budget-s of wall time would be exceeded by the
 next block.
+
+Soaks that share one GPU (``--partners`` their soak.json files) time their blocks under one
+load: a soak's first timed block waits, stepping untimed, until every partner is past its
+warm-up, and after its last block it keeps stepping (``hold_blocks``, untimed for the goals)
+until every partner has ended. Without it the soak that ends first speeds up the other's last
+blocks (2026-12-02: +16.8 % for OpenMM once the runs beside it had stopped).
 """
 
 from __future__ import annotations
@@ -202,6 +208,36 @@ class LammpsSoak:
                 "potential_energy_ev": float(self.lmp.get_thermo("pe"))}
 
 
+# ----------------------------------------------------------------------------- partners
+def _read_partner(path: Path) -> Optional[Dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not written yet (or mid-replace on another filesystem)
+        return None
+
+
+def partner_warmed_up(doc: Optional[Dict]) -> bool:
+    """Past its warm-up, or ended without getting there (it will never load the GPU)."""
+    return doc is not None and ("setup_s" in doc or partner_ended(doc))
+
+
+def partner_ended(doc: Optional[Dict]) -> bool:
+    """Its timed blocks are over: finished, failed, or stopped by its budget."""
+    return doc is not None and bool(doc.get("finished") or doc.get("error")
+                                    or doc.get("stopped_by_budget") or "wall_s" in doc)
+
+
+def step_while(engine, partners: List[Path], condition, chunk: int, deadline: float) -> int:
+    """Untimed steps in chunks while ``condition(partner doc)`` holds for any partner and the
+    wall clock is before ``deadline``; returns the steps taken."""
+    steps = 0
+    while partners and time.perf_counter() < deadline and any(
+            condition(_read_partner(p)) for p in partners):
+        engine.warmup(chunk)
+        steps += chunk
+    return steps
+
+
 # ----------------------------------------------------------------------------- main
 def write_json(path: Path, doc: Dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -229,6 +265,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (OpenMM CPU platform, torch)")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (s)")
     p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--partners", nargs="*", default=[], metavar="SOAK_JSON",
+                   help="soak.json of soaks sharing this GPU: time every block beside all of them "
+                        "(wait for their warm-up, keep the load on until they end)")
     p.add_argument("--out", required=True, help="output directory (soak.json)")
     args = p.parse_args(argv)
     if args.steps < args.block or args.block < 1 or args.n_waters < 1:
@@ -268,6 +307,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             engine = LammpsSoak(atoms, model, args, out)
         engine.warmup(args.warmup)
         doc["setup_s"] = time.perf_counter() - t_start
+        write_json(path, doc)  # partners wait for setup_s
+        partners = [Path(p).resolve() for p in args.partners]
+        chunk = max(1, args.block // 20)
+        budget_end = t_start + (args.budget_s if args.budget_s is not None else math.inf)
+        doc["partner_wait_steps"] = step_while(engine, partners, lambda d: not partner_warmed_up(d),
+                                               chunk, budget_end)
         doc["memory_after_warmup"] = gpu_memory()
         write_json(path, doc)
         done = 0
@@ -293,6 +338,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                 doc["error"] = f"NaN potential energy at step {done}"
                 break
         doc["finished"] = doc["error"] is None and not doc["stopped_by_budget"]
+        if partners and doc["finished"]:
+            write_json(path, doc)  # partners see this soak's end
+            doc["hold_blocks"] = []
+            while time.perf_counter() < budget_end - 60:
+                t0 = time.perf_counter()
+                held = step_while(engine, partners, lambda d: not partner_ended(d), args.block // 4 or 1,
+                                  min(budget_end - 60, t0 + 60))
+                if not held:
+                    break
+                doc["hold_blocks"].append({"steps": held, "seconds": time.perf_counter() - t0,
+                                           "steps_per_s": held / (time.perf_counter() - t0)})
+                write_json(path, doc)
     except Exception as exc:  # the partial blocks stay in soak.json
         traceback.print_exc()
         doc["error"] = f"{type(exc).__name__}: {exc}"

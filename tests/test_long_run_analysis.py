@@ -3,6 +3,7 @@ the block-average drift fit recovers a known slope within its uncertainty, the u
 calibrated for correlated noise (where the per-sample least-squares error is not), and the soak
 verdicts flag a slowdown, a memory leak and a wrong temperature."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -122,3 +123,36 @@ def test_soak_load_change_is_reported_not_hidden():
     assert "GPU load changed (12 -> 1 processes)" in alr.table([], [row])
     steady = alr.soak_summary("g", dict(base, blocks=_blocks([230] * 4, [139] * 4, [300] * 4)))
     assert not steady["load_changed"] and steady["steps_per_s_change_same_load"] is None
+
+
+def test_soak_partners_wait_for_each_other_without_deadlock(tmp_path):
+    """soak.py --partners: a soak that has finished its blocks and now holds the GPU load counts
+    as ended for its partner (else two holding soaks would wait for each other until their
+    budgets), and a soak steps untimed exactly while a partner is still in its warm-up/run."""
+    import soak
+
+    assert not soak.partner_warmed_up(None)  # not started yet: wait
+    assert not soak.partner_warmed_up({"finished": False})
+    assert soak.partner_warmed_up({"finished": False, "setup_s": 3.0})
+    assert soak.partner_warmed_up({"finished": False, "error": "crashed in setup"})  # never will
+    assert not soak.partner_ended({"finished": False, "setup_s": 3.0, "blocks": []})
+    assert soak.partner_ended({"finished": True, "hold_blocks": []})  # holding: ended for us
+    assert soak.partner_ended({"finished": False, "stopped_by_budget": True})
+    assert soak.partner_ended({"finished": False, "error": "NaN"})
+
+    partner = tmp_path / "soak.json"
+    partner.write_text('{"finished": false, "setup_s": 1.0}')
+
+    class Engine:  # the partner finishes after this soak's third chunk
+        steps = 0
+
+        def warmup(self, n):
+            self.steps += n
+            if self.steps >= 30:
+                partner.write_text('{"finished": true}')
+
+    engine = Engine()
+    held = soak.step_while(engine, [partner], lambda d: not soak.partner_ended(d), 10, math.inf)
+    assert held == engine.steps == 30
+    assert soak.step_while(engine, [partner], lambda d: not soak.partner_ended(d), 10, math.inf) == 0
+    assert soak.step_while(engine, [], lambda d: True, 10, math.inf) == 0  # no partners: no wait
