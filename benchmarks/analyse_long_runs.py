@@ -270,7 +270,10 @@ def plot(root: Path, nve: List[Dict], soak: List[Dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    # rows of panels only for what was run: NVE (one panel per dtype), soak (steps/s, memory)
+    rows = [kind for kind, present in (("nve", nve), ("soak", soak)) if present] or ["nve"]
+    fig, grid = plt.subplots(len(rows), 2, figsize=(13, 4.5 * len(rows)), squeeze=False)
+    axes = {kind: grid[i] for i, kind in enumerate(rows)}
     series = {}
     for p in sorted(root.glob("*/nve_drift.json")):
         try:
@@ -280,7 +283,7 @@ def plot(root: Path, nve: List[Dict], soak: List[Dict], path: Path) -> None:
                     series[run_name(p.parent.name, r, len(results))] = r
         except (OSError, json.JSONDecodeError):
             pass
-    for ax, dtype in zip(axes[0], ("float64", "float32")):
+    for ax, dtype in zip(axes.get("nve", ()), ("float64", "float32")):
         for i, row in enumerate(r for r in nve if r.get("dtype") == dtype and "drift_ev_per_atom_per_ps" in r):
             r = series.get(row["run"])
             if r is None:
@@ -310,7 +313,9 @@ def plot(root: Path, nve: List[Dict], soak: List[Dict], path: Path) -> None:
             docs[p.parent.name] = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             pass
-    ax_rate, ax_mem = axes[1]
+    if "soak" not in axes:
+        docs = {}
+    ax_rate, ax_mem = axes.get("soak", (None, None))
     for i, (name, doc) in enumerate(docs.items()):
         blocks = doc.get("blocks", [])
         if not blocks:
@@ -325,7 +330,7 @@ def plot(root: Path, nve: List[Dict], soak: List[Dict], path: Path) -> None:
             if all(v for v in vals):
                 v = np.array(vals, dtype=float)
                 ax_mem.plot(steps, v / v[0], style, color=f"C{i}", label=f"{name} {key} ({v[0]:.0f} MB first)")
-    for ax, what in ((ax_rate, "steps/s"), (ax_mem, "GPU memory")):
+    for ax, what in ((ax_rate, "steps/s"), (ax_mem, "GPU memory")) if docs else ():
         ax.axhspan(1 - FLAT_TOLERANCE, 1 + FLAT_TOLERANCE, color="0.9")
         ax.set_title(f"soak: {what} per block / first block (grey: +-5 %)", fontsize=9)
         ax.set_xlabel("steps")

@@ -152,7 +152,7 @@ def test_soak_partners_wait_for_each_other_without_deadlock(tmp_path):
                 partner.write_text('{"finished": true}')
 
     engine = Engine()
-    held = soak.step_while(engine, [partner], lambda d: not soak.partner_ended(d), 10, math.inf)
+    held = soak.step_while(engine.warmup, [partner], lambda d: not soak.partner_ended(d), 10, math.inf)
     assert held == engine.steps == 30
-    assert soak.step_while(engine, [partner], lambda d: not soak.partner_ended(d), 10, math.inf) == 0
-    assert soak.step_while(engine, [], lambda d: True, 10, math.inf) == 0  # no partners: no wait
+    assert soak.step_while(engine.warmup, [partner], lambda d: not soak.partner_ended(d), 10, math.inf) == 0
+    assert soak.step_while(engine.warmup, [], lambda d: True, 10, math.inf) == 0  # no partners: no wait
