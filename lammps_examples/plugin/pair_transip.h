@@ -22,6 +22,8 @@
      pair_transip_rows.cpp   the model's input rows and edges (one builder for
                              every ghost mode) and the one scatter of its results
      pair_transip_halo.cpp   the per-layer halo exchange (ghosts halo)
+     pair_transip_timing.h/.cpp  the time per step of compute()'s phases, reported
+                             after each run (finish)
      transip_model.h/.cpp    the door to the model file, shared with
                              export/check/transip_check (namespace transip)
 ------------------------------------------------------------------------- */
@@ -31,6 +33,7 @@
 
 #include "pair.h"
 
+#include "pair_transip_timing.h"
 #include "transip_model.h"
 
 #include <torch/script.h>
@@ -52,6 +55,7 @@ class PairTransIP : public Pair {
   void init_style() override;
   double init_one(int, int) override;
   double memory_usage() override;
+  void finish() override;    // the per-step time of compute()'s phases (pair_transip_timing.cpp)
 
   // halo mode: features (forward) and their gradients (reverse) of W doubles per atom
   int pack_forward_comm(int, int *, double *, int, int *) override;
@@ -112,6 +116,7 @@ class PairTransIP : public Pair {
   std::vector<int> frontier, next_frontier;
   std::vector<char> centre_in_list;    // atom has a neighbour row in the list
   bool report_load;                    // log ghost/local counts at the next compute
+  transip::PhaseTimes phase_times;     // where compute() spends its time (pair_transip_timing.h)
 
   // ---- halo exchange (pair_transip_halo.cpp): only the rows LAMMPS communicates cross
   // between the model's device and the host; host blocks are pinned when the device is CUDA,

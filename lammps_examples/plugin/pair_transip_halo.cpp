@@ -116,6 +116,7 @@ void PairTransIP::compute_halo()
   if (active) {
     guarded([&] {
       const ModelInputs in = model_inputs();
+      phase_times.lap(transip::PhaseTimes::TO_DEVICE);
       pos = in.pos;
       numbers = in.numbers;
       const torch::Tensor &ei = in.edge_i, &ej = in.edge_j;
@@ -206,34 +207,37 @@ void PairTransIP::compute_halo()
     g_out = return_ghost_gradients(active ? g_h.detach() : torch::Tensor());
   }
 
-  if (active) {
-    torch::Tensor forces, e_cpu;
-    guarded([&] {
-      if (recompute) {    // the edge features' graph, now
-        pos.requires_grad_(true);
-        edge_args[0] = pos;
-        auto res = model->method("halo_edges")(edge_args).toTuple();
-        edge = res->elements().at(1).toTensor();
-        envelope = res->elements().at(2).toTensor();
-      }
-      std::vector<torch::Tensor> outputs, weights;
-      if (g_edge.defined() && edge.requires_grad()) {
-        outputs.push_back(edge);
-        weights.push_back(g_edge);
-      }
-      if (g_env.defined() && envelope.requires_grad()) {
-        outputs.push_back(envelope);
-        weights.push_back(g_env);
-      }
-      torch::Tensor g_pos;
-      if (!outputs.empty())
-        g_pos = torch::autograd::grad(outputs, {pos}, weights, false, false, true)[0];
-      forces = g_pos.defined() ? (-g_pos).to(torch::kCPU, torch::kFloat64).contiguous()
-                               : torch::zeros({nrows, 3}, f64);
-      e_cpu = energies.detach().to(torch::kCPU, torch::kFloat64).contiguous();
-    });
-    add_model_results(forces.data_ptr<double>(), e_cpu.data_ptr<double>(), nullptr);
+  if (!active) {
+    phase_times.lap(transip::PhaseTimes::HALO);    // this rank's exchanges
+    return;
   }
+  torch::Tensor forces, e_cpu;
+  guarded([&] {
+    if (recompute) {    // the edge features' graph, now
+      pos.requires_grad_(true);
+      edge_args[0] = pos;
+      auto res = model->method("halo_edges")(edge_args).toTuple();
+      edge = res->elements().at(1).toTensor();
+      envelope = res->elements().at(2).toTensor();
+    }
+    std::vector<torch::Tensor> outputs, weights;
+    if (g_edge.defined() && edge.requires_grad()) {
+      outputs.push_back(edge);
+      weights.push_back(g_edge);
+    }
+    if (g_env.defined() && envelope.requires_grad()) {
+      outputs.push_back(envelope);
+      weights.push_back(g_env);
+    }
+    torch::Tensor g_pos;
+    if (!outputs.empty())
+      g_pos = torch::autograd::grad(outputs, {pos}, weights, false, false, true)[0];
+    forces = g_pos.defined() ? (-g_pos).to(torch::kCPU, torch::kFloat64).contiguous()
+                             : torch::zeros({nrows, 3}, f64);
+    e_cpu = energies.detach().to(torch::kCPU, torch::kFloat64).contiguous();
+  });
+  phase_times.lap(transip::PhaseTimes::HALO);    // layers, exchanges, results to host
+  add_model_results(forces.data_ptr<double>(), e_cpu.data_ptr<double>(), nullptr);
 }
 
 /* ----------------------------------------------------------------------
