@@ -834,7 +834,6 @@ void PairTransIP::evaluate_model()
   const bool mapped = ghost_mode == GHOSTS_MAP;
   const char *entry = mapped ? "mapped_energies_forces_virial" : "local_energies_forces";
   const int64_t nrows = static_cast<int64_t>(row_to_atom.size());
-  const int64_t nedges = static_cast<int64_t>(edge_i_buf.size());
   torch::Tensor energies, forces, wvir;
   try {
     const ModelInputs in = model_inputs();
@@ -845,11 +844,8 @@ void PairTransIP::evaluate_model()
     torch::jit::GraphOptimizerEnabledGuard jit_guard(jit_optimize == 1);
     c10::IValue out;
     if (mapped) {
-      torch::Tensor sh = torch::from_blob(shift_buf.data(), {nedges, 3},
-                                          torch::TensorOptions().dtype(torch::kFloat64));
-      if (device.is_cuda()) sh = sh.to(device, model_dtype);
-      out = model->method(entry)({in.pos, in.numbers, in.edge_i, in.edge_j, sh, in.charge,
-                                  in.spin});
+      out = model->method(entry)({in.pos, in.numbers, in.edge_i, in.edge_j, in.shift,
+                                  in.charge, in.spin});
     } else {
       out = model->method(entry)({in.pos, in.numbers, in.edge_i, in.edge_j, nlocal_rows,
                                   in.charge, in.spin});

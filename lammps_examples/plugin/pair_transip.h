@@ -112,6 +112,7 @@ class PairTransIP : public Pair {
   std::vector<int64_t> edge_i_buf, edge_j_buf;
   std::vector<double> shift_buf;       // [edges, 3] image - owner (map mode)
   std::vector<int> tag_to_local;       // atom ID -> owned index (map mode)
+  torch::Tensor stage_int, stage_real; // CUDA: pinned host blocks the buffers above travel in
   std::vector<int> hops;               // graph distance (in edges) from owned atoms (shell)
   std::vector<int> frontier, next_frontier;
   std::vector<char> centre_in_list;    // atom has a neighbour row in the list
@@ -158,14 +159,14 @@ class PairTransIP : public Pair {
   void mark_reachable();
   void report_model_load(int64_t nedges);
   struct ModelInputs {
-    torch::Tensor pos, numbers, edge_i, edge_j, charge, spin;
+    torch::Tensor pos, numbers, edge_i, edge_j, shift, charge, spin;    // shift: map mode
   };
   ModelInputs model_inputs();
   void add_model_results(const double *fr, const double *er, const double *model_virial);
 
   // pair_transip_halo.cpp
   void compute_halo();
-  torch::Tensor host_rows(torch::Tensor &block, int64_t rows, torch::Dtype dtype);
+  torch::Tensor host_rows(torch::Tensor &block, int64_t rows, int64_t width, torch::Dtype dtype);
   void index_border_atoms();
   void gather_border_rows();
   const torch::Tensor &all_local_rows();

@@ -275,9 +275,9 @@ void store_row(const double *src, torch::Tensor &block, int64_t row)
 }    // namespace
 
 // The first `rows` rows of a kept host block [capacity, W] (pinned for CUDA), grown as needed.
-torch::Tensor PairTransIP::host_rows(torch::Tensor &block, int64_t rows, torch::Dtype dtype)
+torch::Tensor PairTransIP::host_rows(torch::Tensor &block, int64_t rows, int64_t W,
+                                     torch::Dtype dtype)
 {
-  const int64_t W = feature_width;
   if (!block.defined() || block.size(0) < rows || block.size(1) != W ||
       block.scalar_type() != dtype) {
     auto options = torch::TensorOptions().dtype(dtype);
@@ -312,7 +312,7 @@ void PairTransIP::gather_border_rows()
 {
   const int64_t n = static_cast<int64_t>(border_rows.size());
   if (!halo_out.defined() || n == 0) return;
-  torch::Tensor block = host_rows(border_feat, n, halo_dtype);
+  torch::Tensor block = host_rows(border_feat, n, feature_width, halo_dtype);
   if (halo_out.is_cpu() && halo_out.scalar_type() == halo_dtype)
     torch::index_select_out(block, halo_out, 0, border_index);
   else
@@ -334,7 +334,7 @@ void PairTransIP::send_features(const torch::Tensor &out_l)
   try {
     halo_out = out_l;
     gather_border_rows();
-    host_rows(ghost_feat, atom->nghost, halo_dtype);
+    host_rows(ghost_feat, atom->nghost, feature_width, halo_dtype);
   } catch (const std::exception &e) {
     exchange_failed(e);
   }
@@ -367,11 +367,11 @@ torch::Tensor PairTransIP::return_ghost_gradients(const torch::Tensor &g_h)
   const int64_t nborder_rows = static_cast<int64_t>(border_rows.size());
   try {
     if (g_h.defined() && nghost_rows > 0)
-      host_rows(ghost_feat, nghost_rows, halo_dtype)
+      host_rows(ghost_feat, nghost_rows, feature_width, halo_dtype)
           .copy_(g_h.narrow(0, nlocal_rows, nghost_rows));
     // a border atom's sum starts at 0 if it is owned, at its own gradient if it is a ghost
     // (multi-hop routes: it passes on what it received plus its own)
-    torch::Tensor sums = host_rows(border_grad, nborder, torch::kFloat64);
+    torch::Tensor sums = host_rows(border_grad, nborder, feature_width, torch::kFloat64);
     double *sp = sums.data_ptr<double>();
     const int64_t W = feature_width;
     for (int64_t k = 0; k < nborder; ++k) {
