@@ -33,7 +33,10 @@ Parts (``--parts``, comma list; a part whose packages are missing is reported an
   steps, and the cost per step does not depend on the step. ``--model`` runs relax and use 0.5 fs.
 * ``lammps``: LAMMPS timesteps/s of the periodic water deck (``fix nve``, 0.5 fs) with
   ``pair_style transip device cuda``, one rank; needs ``--lmp`` (the LAMMPS executable) and
-  ``--plugin`` (``python -m transip_md.lammps build`` prints it).
+  ``--plugin`` (``python -m transip_md.lammps build`` prints it). Each row also holds the
+  plugin's per-step phase times of the timed run (``phases_ms``: rows, to device, model, to
+  host, scatter, total; lammps_examples/README.md, "Where a step's time goes") and LAMMPS' Pair
+  time per step.
 
 ``--kernels reference,fused,fused-qkv`` runs the TransIP parts (transip, profile, openmm, lammps)
 once per export kind: ``reference`` (pure TorchScript), ``fused`` (the folded-query transip_ops
@@ -49,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -457,7 +461,7 @@ atom_style atomic
 boundary p p p
 read_data {data}
 plugin load {plugin}
-pair_style transip device cuda
+pair_style transip device {device}
 pair_coeff * * {model} O H
 neighbor 1.0 bin
 neigh_modify every 1 delay 0 check yes
@@ -470,9 +474,34 @@ run {steps}
 """
 
 
-def bench_lammps(args, files: Dict[str, Path], out: Path) -> Dict:
-    import re
+LOOP_LINE = re.compile(r"Loop time of ([0-9.eE+-]+) on \d+ procs for (\d+) steps")
+PAIR_LINE = re.compile(r"^Pair\s+\|\s*([0-9.eE+-]+)\s*\|\s*([0-9.eE+-]+)\s*\|\s*([0-9.eE+-]+)",
+                       re.MULTILINE)
+PHASE_LINE = re.compile(r"^TransIP per step \(ms, max over (\d+) ranks?, (\d+) steps\): (.+)$",
+                        re.MULTILINE)
 
+
+def lammps_runs(output: str) -> List[Dict]:
+    """The runs of a LAMMPS output, in order: seconds and steps of the loop, the Pair time (max
+    over ranks, s) and the plugin's per-step phases (ms, max over ranks) where printed."""
+    runs = []
+    for k, loop in enumerate(LOOP_LINE.finditer(output)):
+        end = output.find("Loop time of", loop.end())
+        block = output[loop.end():end if end >= 0 else len(output)]
+        run = {"seconds": float(loop.group(1)), "steps": int(loop.group(2))}
+        pair = PAIR_LINE.search(block)
+        if pair:
+            run["pair_seconds"] = float(pair.group(3))
+        phases = PHASE_LINE.search(block)
+        if phases:
+            run["phase_ranks"], run["phase_steps"] = int(phases.group(1)), int(phases.group(2))
+            run["phases_ms"] = {name: float(value) for name, value in
+                                (item.rsplit(" ", 1) for item in phases.group(3).split(" | "))}
+        runs.append(run)
+    return runs
+
+
+def bench_lammps(args, files: Dict[str, Path], out: Path) -> Dict:
     sys.path.insert(0, str(ROOT / "lammps_examples"))
     from make_water_box import write_lammps_data
 
@@ -485,18 +514,41 @@ def bench_lammps(args, files: Dict[str, Path], out: Path) -> Dict:
         write_lammps_data(data, atoms)
         deck = out / f"in.water{len(atoms)}"
         deck.write_text(LAMMPS_DECK.format(data=data, plugin=args.plugin, model=files["float32"],
-                                           steps=args.lammps_steps))
+                                           device=args.lammps_device, steps=args.lammps_steps))
         proc = subprocess.run([args.lmp, "-in", str(deck), "-log", "none"], capture_output=True,
                               text=True, timeout=args.lammps_timeout)
-        loops = re.findall(r"Loop time of ([0-9.eE+-]+) on \d+ procs for (\d+) steps", proc.stdout)
-        if proc.returncode != 0 or len(loops) < 2:
+        runs = lammps_runs(proc.stdout)
+        if proc.returncode != 0 or len(runs) < 2:
             rows.append({"atoms": len(atoms), "error": (proc.stdout + proc.stderr)[-1500:]})
         else:
-            seconds, steps = float(loops[-1][0]), int(loops[-1][1])
-            rows.append({"atoms": len(atoms), "steps": steps, "seconds": seconds,
-                         "timesteps_per_s": steps / seconds, "ns_per_day": steps / seconds * 0.5e-6 * 86400})
+            timed = runs[-1]
+            seconds, steps = timed["seconds"], timed["steps"]
+            row = {"atoms": len(atoms), "device": args.lammps_device, "steps": steps,
+                   "seconds": seconds, "timesteps_per_s": steps / seconds,
+                   "ns_per_day": steps / seconds * 0.5e-6 * 86400}
+            if "pair_seconds" in timed:
+                row["pair_ms"] = timed["pair_seconds"] / steps * 1e3
+            if "phases_ms" in timed:
+                row["phases_ms"] = timed["phases_ms"]
+            rows.append(row)
         print(json.dumps(rows[-1])[:400], flush=True)
+    print_lammps_table(rows)
     return {"rows": rows}
+
+
+def print_lammps_table(rows: List[Dict]) -> None:
+    """Steps/s and where a step's time goes (ms per step; phases of the plugin's report)."""
+    names = []
+    for r in rows:
+        names += [n for n in r.get("phases_ms", {}) if n not in names]
+    print(f"\n{'atoms':>7} {'steps/s':>8} {'Pair ms':>8} " + " ".join(f"{n:>9}" for n in names))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['atoms']:>7} failed")
+            continue
+        phases = r.get("phases_ms", {})
+        print(f"{r['atoms']:>7} {r['timesteps_per_s']:>8.2f} {r.get('pair_ms', float('nan')):>8.2f} "
+              + " ".join(f"{phases.get(n, float('nan')):>9.3f}" for n in names))
 
 
 # ----------------------------------------------------------------------------- main
@@ -573,6 +625,7 @@ def main() -> None:
     p.add_argument("--lammps-sizes", type=int, nargs="+", default=[1536, 6144])
     p.add_argument("--lammps-steps", type=int, default=100)
     p.add_argument("--lammps-timeout", type=int, default=300)
+    p.add_argument("--lammps-device", default="cuda", help="pair_style transip device (lammps part)")
     p.add_argument("--out", default="runs/gpu_bench")
     args = p.parse_args()
     args.variants = args.variants.split(",")

@@ -38,7 +38,7 @@ from lammps_helpers import (  # noqa: E402
     water,
 )
 
-from transip_md.lammps import BuildError, build_plugin, start_lammps  # noqa: E402
+from transip_md.lammps import BuildError, build_plugin, lmp_executable, start_lammps  # noqa: E402
 from transip_md.lammps import build as build_mod  # noqa: E402
 
 TOL = 1e-8  # float64 model: LAMMPS vs the model's own compute(), relative
@@ -1133,3 +1133,79 @@ def test_example_decks_run(plugin, workdir, model64, deck):
                   variables={"plugin": plugin, "model": model64})
     assert out.returncode == 0, out.stdout[-3000:]
     assert "Total wall time" in out.stdout
+
+
+# ----------------------------------------------------------------------------- phase report
+def _gpu_bench():
+    sys.path.insert(0, str(EXAMPLES.parent / "benchmarks"))
+    import gpu_bench
+
+    return gpu_bench
+
+
+PHASE_DECK = """units metal
+atom_style atomic
+boundary p p p
+read_data {data}
+plugin load {plugin}
+pair_style transip {style}
+pair_coeff * * {model} O H
+neighbor 1.0 bin
+timestep 0.0005
+velocity all create 300.0 4928459 mom yes rot yes dist gaussian
+fix 1 all nve
+thermo 5
+run 0
+run 6
+run 9
+"""
+PHASES = {"map": ["rows", "to device", "model", "to host", "scatter", "total"],
+          "halo": ["rows", "to device", "halo", "scatter", "total"]}
+PHASES["shell"] = PHASES["map"]
+
+
+@pytest.mark.parametrize("nprocs, ghosts", [(1, "map"), (1, "shell"), (2, "halo")])
+def test_phase_report_once_per_run(plugin, workdir, water_data, model64, nprocs, ghosts):
+    """finish()'s per-step phase report, read by the benchmark's own parser: once after each run
+    with steps (none after run 0), over exactly that run's steps, finite and non-negative, the
+    slowest rank's total at least its own phases' share and at most LAMMPS' Pair time per step
+    (the setup's force call, with the model's first-call warm-up, is not counted) but most of
+    it (the phases are laps covering compute())."""
+    deck = PHASE_DECK.format(data=water_data, plugin=plugin, model=model64,
+                             style=f"ghosts {ghosts}")
+    out = run_lmp(deck, workdir, nprocs=nprocs, name=f"in.phases_{ghosts}_{nprocs}")
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert out.stdout.count("TransIP per step") == 2, out.stdout[-3000:]
+    runs = _gpu_bench().lammps_runs(out.stdout)
+    assert [r["steps"] for r in runs] == [0, 6, 9]
+    assert "phases_ms" not in runs[0]
+    for run in runs[1:]:
+        phases, steps = run["phases_ms"], run["steps"]
+        assert (run["phase_steps"], run["phase_ranks"]) == (steps, nprocs)
+        assert list(phases) == PHASES[ghosts]
+        assert all(np.isfinite(v) and v >= 0.0 for v in phases.values()), phases
+        parts = sum(v for name, v in phases.items() if name != "total")
+        assert phases["total"] <= parts + 0.005 * len(phases), phases    # printed to 1 µs
+        if nprocs == 1:
+            assert phases["total"] == pytest.approx(parts, abs=0.005 * len(phases))
+        pair_ms = run["pair_seconds"] / steps * 1e3
+        assert phases["total"] <= pair_ms * 1.001 + 0.01, (phases, pair_ms)
+        assert phases["total"] >= 0.5 * pair_ms, (phases, pair_ms)
+
+
+def test_gpu_bench_lammps_rows_carry_phases(plugin, workdir, model64):
+    """benchmarks/gpu_bench.py's lammps part on the CPU: a real lmp run of its deck, the row holds
+    the timed run's steps/s, Pair time and the plugin's phases."""
+    from types import SimpleNamespace
+
+    gpu_bench = _gpu_bench()
+    out = workdir / "gpu_bench_lammps"
+    out.mkdir(exist_ok=True)
+    args = SimpleNamespace(lmp=str(lmp_executable()), plugin=str(plugin), lammps_sizes=[96],
+                           lammps_steps=5, lammps_timeout=300, lammps_device="cpu")
+    (row,) = gpu_bench.bench_lammps(args, {"float32": model64}, out)["rows"]
+    assert "error" not in row, row.get("error")
+    assert (row["atoms"], row["steps"], row["device"]) == (96, 5, "cpu")
+    assert list(row["phases_ms"]) == PHASES["map"]
+    assert 0.0 < row["phases_ms"]["total"] <= row["pair_ms"] * 1.001 + 0.01
+    assert row["timesteps_per_s"] > 0

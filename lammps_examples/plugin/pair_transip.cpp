@@ -808,12 +808,21 @@ void PairTransIP::compute(int eflag, int vflag)
                "pair_style transip does not provide per-atom virials (compute stress/atom, "
                "compute centroid/stress/atom); the global virial/pressure is available");
 
+  // phases (pair_transip_timing.h): rows here, to device .. to host in evaluate_model() or
+  // compute_halo(), scatter (add_model_results and the fdotr virial) closed here
+  phase_times.start();
   build_rows();
+  phase_times.lap(transip::PhaseTimes::ROWS);
   if (ghost_mode == GHOSTS_HALO)
     compute_halo();
   else
     evaluate_model();
   if (vflag_fdotr) virial_fdotr_compute();
+  phase_times.lap(transip::PhaseTimes::SCATTER);
+  if (update->setupflag)    // a run's setup: not a timestep; the run's account starts here
+    phase_times.restart();
+  else
+    ++phase_times.steps;
 }
 
 // map and shell modes: one call of the model on the rows. An empty subdomain (or one holding
@@ -825,25 +834,23 @@ void PairTransIP::evaluate_model()
   const bool mapped = ghost_mode == GHOSTS_MAP;
   const char *entry = mapped ? "mapped_energies_forces_virial" : "local_energies_forces";
   const int64_t nrows = static_cast<int64_t>(row_to_atom.size());
-  const int64_t nedges = static_cast<int64_t>(edge_i_buf.size());
   torch::Tensor energies, forces, wvir;
   try {
     const ModelInputs in = model_inputs();
+    phase_times.lap(transip::PhaseTimes::TO_DEVICE);
     // The profiling graph executor re-specialises on every new neighbour count; that costs
     // more than it gains (measured 17-40% slower on the CPU, 1.45x slower on an H100), so it
     // is off unless asked for. Thread-local, restored.
     torch::jit::GraphOptimizerEnabledGuard jit_guard(jit_optimize == 1);
     c10::IValue out;
     if (mapped) {
-      torch::Tensor sh = torch::from_blob(shift_buf.data(), {nedges, 3},
-                                          torch::TensorOptions().dtype(torch::kFloat64));
-      if (device.is_cuda()) sh = sh.to(device, model_dtype);
-      out = model->method(entry)({in.pos, in.numbers, in.edge_i, in.edge_j, sh, in.charge,
-                                  in.spin});
+      out = model->method(entry)({in.pos, in.numbers, in.edge_i, in.edge_j, in.shift,
+                                  in.charge, in.spin});
     } else {
       out = model->method(entry)({in.pos, in.numbers, in.edge_i, in.edge_j, nlocal_rows,
                                   in.charge, in.spin});
     }
+    phase_times.lap(transip::PhaseTimes::MODEL);
     const auto result = out.toTuple();
     auto host = [&](int k) {
       return result->elements().at(k).toTensor().to(torch::kCPU, torch::kFloat64).contiguous();
@@ -851,6 +858,7 @@ void PairTransIP::evaluate_model()
     energies = host(0);
     forces = host(1);
     if (mapped) wvir = host(2);
+    phase_times.lap(transip::PhaseTimes::TO_HOST);
   } catch (const std::exception &e) {
     model_failed(transip::translate_model_error(e));
   }

@@ -22,6 +22,8 @@
      pair_transip_rows.cpp   the model's input rows and edges (one builder for
                              every ghost mode) and the one scatter of its results
      pair_transip_halo.cpp   the per-layer halo exchange (ghosts halo)
+     pair_transip_timing.h/.cpp  the time per step of compute()'s phases, reported
+                             after each run (finish)
      transip_model.h/.cpp    the door to the model file, shared with
                              export/check/transip_check (namespace transip)
 ------------------------------------------------------------------------- */
@@ -31,6 +33,7 @@
 
 #include "pair.h"
 
+#include "pair_transip_timing.h"
 #include "transip_model.h"
 
 #include <torch/script.h>
@@ -52,6 +55,7 @@ class PairTransIP : public Pair {
   void init_style() override;
   double init_one(int, int) override;
   double memory_usage() override;
+  void finish() override;    // the per-step time of compute()'s phases (pair_transip_timing.cpp)
 
   // halo mode: features (forward) and their gradients (reverse) of W doubles per atom
   int pack_forward_comm(int, int *, double *, int, int *) override;
@@ -108,10 +112,12 @@ class PairTransIP : public Pair {
   std::vector<int64_t> edge_i_buf, edge_j_buf;
   std::vector<double> shift_buf;       // [edges, 3] image - owner (map mode)
   std::vector<int> tag_to_local;       // atom ID -> owned index (map mode)
+  torch::Tensor stage_int, stage_real; // CUDA: pinned host blocks the buffers above travel in
   std::vector<int> hops;               // graph distance (in edges) from owned atoms (shell)
   std::vector<int> frontier, next_frontier;
   std::vector<char> centre_in_list;    // atom has a neighbour row in the list
   bool report_load;                    // log ghost/local counts at the next compute
+  transip::PhaseTimes phase_times;     // where compute() spends its time (pair_transip_timing.h)
 
   // ---- halo exchange (pair_transip_halo.cpp): only the rows LAMMPS communicates cross
   // between the model's device and the host; host blocks are pinned when the device is CUDA,
@@ -153,14 +159,14 @@ class PairTransIP : public Pair {
   void mark_reachable();
   void report_model_load(int64_t nedges);
   struct ModelInputs {
-    torch::Tensor pos, numbers, edge_i, edge_j, charge, spin;
+    torch::Tensor pos, numbers, edge_i, edge_j, shift, charge, spin;    // shift: map mode
   };
   ModelInputs model_inputs();
   void add_model_results(const double *fr, const double *er, const double *model_virial);
 
   // pair_transip_halo.cpp
   void compute_halo();
-  torch::Tensor host_rows(torch::Tensor &block, int64_t rows, torch::Dtype dtype);
+  torch::Tensor host_rows(torch::Tensor &block, int64_t rows, int64_t width, torch::Dtype dtype);
   void index_border_atoms();
   void gather_border_rows();
   const torch::Tensor &all_local_rows();

@@ -116,6 +116,7 @@ void PairTransIP::compute_halo()
   if (active) {
     guarded([&] {
       const ModelInputs in = model_inputs();
+      phase_times.lap(transip::PhaseTimes::TO_DEVICE);
       pos = in.pos;
       numbers = in.numbers;
       const torch::Tensor &ei = in.edge_i, &ej = in.edge_j;
@@ -206,34 +207,37 @@ void PairTransIP::compute_halo()
     g_out = return_ghost_gradients(active ? g_h.detach() : torch::Tensor());
   }
 
-  if (active) {
-    torch::Tensor forces, e_cpu;
-    guarded([&] {
-      if (recompute) {    // the edge features' graph, now
-        pos.requires_grad_(true);
-        edge_args[0] = pos;
-        auto res = model->method("halo_edges")(edge_args).toTuple();
-        edge = res->elements().at(1).toTensor();
-        envelope = res->elements().at(2).toTensor();
-      }
-      std::vector<torch::Tensor> outputs, weights;
-      if (g_edge.defined() && edge.requires_grad()) {
-        outputs.push_back(edge);
-        weights.push_back(g_edge);
-      }
-      if (g_env.defined() && envelope.requires_grad()) {
-        outputs.push_back(envelope);
-        weights.push_back(g_env);
-      }
-      torch::Tensor g_pos;
-      if (!outputs.empty())
-        g_pos = torch::autograd::grad(outputs, {pos}, weights, false, false, true)[0];
-      forces = g_pos.defined() ? (-g_pos).to(torch::kCPU, torch::kFloat64).contiguous()
-                               : torch::zeros({nrows, 3}, f64);
-      e_cpu = energies.detach().to(torch::kCPU, torch::kFloat64).contiguous();
-    });
-    add_model_results(forces.data_ptr<double>(), e_cpu.data_ptr<double>(), nullptr);
+  if (!active) {
+    phase_times.lap(transip::PhaseTimes::HALO);    // this rank's exchanges
+    return;
   }
+  torch::Tensor forces, e_cpu;
+  guarded([&] {
+    if (recompute) {    // the edge features' graph, now
+      pos.requires_grad_(true);
+      edge_args[0] = pos;
+      auto res = model->method("halo_edges")(edge_args).toTuple();
+      edge = res->elements().at(1).toTensor();
+      envelope = res->elements().at(2).toTensor();
+    }
+    std::vector<torch::Tensor> outputs, weights;
+    if (g_edge.defined() && edge.requires_grad()) {
+      outputs.push_back(edge);
+      weights.push_back(g_edge);
+    }
+    if (g_env.defined() && envelope.requires_grad()) {
+      outputs.push_back(envelope);
+      weights.push_back(g_env);
+    }
+    torch::Tensor g_pos;
+    if (!outputs.empty())
+      g_pos = torch::autograd::grad(outputs, {pos}, weights, false, false, true)[0];
+    forces = g_pos.defined() ? (-g_pos).to(torch::kCPU, torch::kFloat64).contiguous()
+                             : torch::zeros({nrows, 3}, f64);
+    e_cpu = energies.detach().to(torch::kCPU, torch::kFloat64).contiguous();
+  });
+  phase_times.lap(transip::PhaseTimes::HALO);    // layers, exchanges, results to host
+  add_model_results(forces.data_ptr<double>(), e_cpu.data_ptr<double>(), nullptr);
 }
 
 /* ----------------------------------------------------------------------
@@ -271,9 +275,9 @@ void store_row(const double *src, torch::Tensor &block, int64_t row)
 }    // namespace
 
 // The first `rows` rows of a kept host block [capacity, W] (pinned for CUDA), grown as needed.
-torch::Tensor PairTransIP::host_rows(torch::Tensor &block, int64_t rows, torch::Dtype dtype)
+torch::Tensor PairTransIP::host_rows(torch::Tensor &block, int64_t rows, int64_t W,
+                                     torch::Dtype dtype)
 {
-  const int64_t W = feature_width;
   if (!block.defined() || block.size(0) < rows || block.size(1) != W ||
       block.scalar_type() != dtype) {
     auto options = torch::TensorOptions().dtype(dtype);
@@ -308,7 +312,7 @@ void PairTransIP::gather_border_rows()
 {
   const int64_t n = static_cast<int64_t>(border_rows.size());
   if (!halo_out.defined() || n == 0) return;
-  torch::Tensor block = host_rows(border_feat, n, halo_dtype);
+  torch::Tensor block = host_rows(border_feat, n, feature_width, halo_dtype);
   if (halo_out.is_cpu() && halo_out.scalar_type() == halo_dtype)
     torch::index_select_out(block, halo_out, 0, border_index);
   else
@@ -330,7 +334,7 @@ void PairTransIP::send_features(const torch::Tensor &out_l)
   try {
     halo_out = out_l;
     gather_border_rows();
-    host_rows(ghost_feat, atom->nghost, halo_dtype);
+    host_rows(ghost_feat, atom->nghost, feature_width, halo_dtype);
   } catch (const std::exception &e) {
     exchange_failed(e);
   }
@@ -363,11 +367,11 @@ torch::Tensor PairTransIP::return_ghost_gradients(const torch::Tensor &g_h)
   const int64_t nborder_rows = static_cast<int64_t>(border_rows.size());
   try {
     if (g_h.defined() && nghost_rows > 0)
-      host_rows(ghost_feat, nghost_rows, halo_dtype)
+      host_rows(ghost_feat, nghost_rows, feature_width, halo_dtype)
           .copy_(g_h.narrow(0, nlocal_rows, nghost_rows));
     // a border atom's sum starts at 0 if it is owned, at its own gradient if it is a ghost
     // (multi-hop routes: it passes on what it received plus its own)
-    torch::Tensor sums = host_rows(border_grad, nborder, torch::kFloat64);
+    torch::Tensor sums = host_rows(border_grad, nborder, feature_width, torch::kFloat64);
     double *sp = sums.data_ptr<double>();
     const int64_t W = feature_width;
     for (int64_t k = 0; k < nborder; ++k) {

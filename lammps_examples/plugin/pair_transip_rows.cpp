@@ -195,30 +195,64 @@ void PairTransIP::report_model_load(int64_t nedges)
                    note, sum[2], least[0], most[0], least[1], most[1]);
 }
 
-// The per-step model inputs from the row buffers (positions, atomic numbers, edges) plus
-// charge and multiplicity, moved to the model's device; on a GPU positions travel in the
-// model's dtype. On the CPU the tensors alias the buffers (no copy).
+// The per-step model inputs from the row buffers (positions, atomic numbers, edges; the
+// shifts in map mode) plus charge and multiplicity, on the model's device; positions and
+// shifts in the model's dtype. On the CPU the tensors alias the buffers (no copy).
+//
+// CUDA: the buffers are written into two pinned host blocks kept between steps (host_rows,
+// grown by an eighth when too small): int64 edge_i, edge_j, numbers, charge, multiplicity;
+// and, in the model's dtype, positions and shifts (converted by the same CPU copy kernel that
+// the blocking .to(device, dtype) ran on the host). Each block goes to the device in one copy
+// that does not block the host (7 pageable copies per step before). The model's inputs are
+// views of the two device blocks, with the dtypes, shapes and values of before.
+// Rewriting the blocks at the next step is safe: this step's copy of the results to the host
+// waits for everything queued before it on the stream, the uploads included.
 PairTransIP::ModelInputs PairTransIP::model_inputs()
 {
   const int64_t nrows = static_cast<int64_t>(row_to_atom.size());
   const int64_t nedges = static_cast<int64_t>(edge_i_buf.size());
+  const int64_t nshift = ghost_mode == GHOSTS_MAP ? nedges : 0;
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
   ModelInputs in;
-  in.pos = torch::from_blob(pos_buf.data(), {nrows, 3}, f64);
-  in.numbers = torch::from_blob(z_buf.data(), {nrows}, i64);
-  in.edge_i = torch::from_blob(edge_i_buf.data(), {nedges}, i64);
-  in.edge_j = torch::from_blob(edge_j_buf.data(), {nedges}, i64);
-  in.charge = torch::scalar_tensor(total_charge, i64);
-  in.spin = torch::scalar_tensor(multiplicity, i64);
-  if (device.is_cuda()) {
-    in.pos = in.pos.to(device, model_dtype);
-    in.numbers = in.numbers.to(device);
-    in.edge_i = in.edge_i.to(device);
-    in.edge_j = in.edge_j.to(device);
-    in.charge = in.charge.to(device);
-    in.spin = in.spin.to(device);
+  if (!device.is_cuda()) {
+    in.pos = torch::from_blob(pos_buf.data(), {nrows, 3}, f64);
+    in.numbers = torch::from_blob(z_buf.data(), {nrows}, i64);
+    in.edge_i = torch::from_blob(edge_i_buf.data(), {nedges}, i64);
+    in.edge_j = torch::from_blob(edge_j_buf.data(), {nedges}, i64);
+    if (ghost_mode == GHOSTS_MAP)
+      in.shift = torch::from_blob(shift_buf.data(), {nshift, 3}, f64);
+    in.charge = torch::scalar_tensor(total_charge, i64);
+    in.spin = torch::scalar_tensor(multiplicity, i64);
+    return in;
   }
+
+  // the blocks on the host: int64 [2E + rows + 2], model dtype [3 rows + 3 shifts]
+  const int64_t nint = 2 * nedges + nrows + 2, nreal = 3 * (nrows + nshift);
+  const torch::Tensor ints = host_rows(stage_int, nint, 1, torch::kInt64).view({nint});
+  const torch::Tensor reals = host_rows(stage_real, nreal, 1, model_dtype).view({nreal});
+  auto put = [](const torch::Tensor &block, int64_t at, void *data, int64_t n,
+                const torch::TensorOptions &kind) {
+    if (n > 0) block.narrow(0, at, n).copy_(torch::from_blob(data, {n}, kind));
+  };
+  put(ints, 0, edge_i_buf.data(), nedges, i64);
+  put(ints, nedges, edge_j_buf.data(), nedges, i64);
+  put(ints, 2 * nedges, z_buf.data(), nrows, i64);
+  ints[nint - 2].fill_(total_charge);
+  ints[nint - 1].fill_(multiplicity);
+  put(reals, 0, pos_buf.data(), 3 * nrows, f64);
+  put(reals, 3 * nrows, shift_buf.data(), 3 * nshift, f64);
+
+  const torch::Tensor ints_d = ints.to(device, /*non_blocking=*/true);
+  const torch::Tensor reals_d = reals.to(device, /*non_blocking=*/true);
+  in.edge_i = ints_d.narrow(0, 0, nedges);
+  in.edge_j = ints_d.narrow(0, nedges, nedges);
+  in.numbers = ints_d.narrow(0, 2 * nedges, nrows);
+  in.charge = ints_d[nint - 2];
+  in.spin = ints_d[nint - 1];
+  in.pos = reals_d.narrow(0, 0, 3 * nrows).view({nrows, 3});
+  if (ghost_mode == GHOSTS_MAP)
+    in.shift = reals_d.narrow(0, 3 * nrows, 3 * nshift).view({nshift, 3});
   return in;
 }
 
