@@ -85,6 +85,8 @@ def run_transip(args, train, val, test) -> Dict:
     cfg.early_stopping_patience = args.patience
     # The budget counts from the worker's start (data loading included), as MACE's does.
     cfg.max_seconds = max(1.0, args.run_seconds - (time.time() - args.t_start))
+    # the cosine schedule spans the time budget (runs stop by time, at unknown step counts)
+    cfg.schedule_by_time = args.schedule == "time"
     if args.lr is not None:
         cfg.lr = args.lr
     start = args.t_start
@@ -104,6 +106,12 @@ def run_transip(args, train, val, test) -> Dict:
             "steps": trainer.step, "best_step": ckpt.training["steps"],
             "train_seconds": train_seconds, "stop_reason": trainer.stop_reason,
             "train_atoms_per_s": rates[-1] if rates else math.nan,
+            "schedule": args.schedule,
+            # validation learning curve: is the run converged (flat), at what step/time
+            "val_curve": [{"step": h["step"], "elapsed_s": h["elapsed_s"], "lr": h["lr"],
+                           "force_mae_mev_per_A": h["val_force_mae_mev_per_A"],
+                           "energy_mae_mev_per_atom": h["val_energy_mae_mev_per_atom"]}
+                          for h in history],
             "device": str(trainer.device),
             "gpu": torch.cuda.get_device_name() if trainer.device.type == "cuda" else ""}
 
@@ -188,6 +196,7 @@ def run_mace(args, train, val, test) -> Dict:
     best, best_state, stale, step, atoms, t_steps = math.inf, None, 0, 0, 0, 0.0
     stop_reason = "max_steps"
     val_every = max(1, args.val_interval_steps)
+    curve: List[Dict] = []
     while step < args.max_steps:
         t0 = time.time()
         done = False
@@ -210,6 +219,9 @@ def run_mace(args, train, val, test) -> Dict:
                 with ema.average_parameters():
                     err = _mace_errors(model, val_loader, device)
                     score = err["energy_mae_mev_per_atom"] + err["force_mae_mev_per_A"]
+                    curve.append({"step": step, "elapsed_s": time.time() - start,
+                                  "force_mae_mev_per_A": err["force_mae_mev_per_A"],
+                                  "energy_mae_mev_per_atom": err["energy_mae_mev_per_atom"]})
                     if score < best:
                         best, stale = score, 0
                         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -237,7 +249,7 @@ def run_mace(args, train, val, test) -> Dict:
             "eq_note": "MACE is rotation-equivariant by construction (not measured)",
             "steps": step, "best_step": best_step, "train_seconds": train_seconds,
             "stop_reason": stop_reason, "train_atoms_per_s": atoms / max(t_steps, 1e-9),
-            "device": str(device),
+            "val_curve": curve, "device": str(device),
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else ""}
 
 
@@ -464,9 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--batch-atoms", type=int, default=1024)
         q.add_argument("--lr", type=float, default=None, help="TransIP learning rate (default: config's)")
         q.add_argument("--max-steps", type=int, default=20000,
-                       help="step cap; also the length of TransIP's cosine schedule")
+                       help="step cap (and, with --schedule steps, the length of TransIP's cosine schedule)")
         q.add_argument("--val-interval-steps", type=int, default=200)
         q.add_argument("--patience", type=int, default=8, help="validations without improvement")
+        q.add_argument("--schedule", choices=("time", "steps"), default="time",
+                       help="TransIP's cosine learning-rate schedule spans the run's time budget "
+                            "(time) or --max-steps (steps; a run stopped by time ends unannealed)")
         q.add_argument("--max-val", type=int, default=300)
         q.add_argument("--max-test", type=int, default=1000)
         q.add_argument("--mace-batch", type=int, default=32, help="MACE frames per batch")

@@ -20,6 +20,8 @@
 #      ran 15 % faster once the others had stopped); then c.
 #   k: bash benchmarks/gpu_block.sh k $OUT   carry .device_carry/{wheels,lammps-cp312.tar.xz}
 #      one kernel iteration alone: op tests, TransIP reference vs fused-qkv, ops_bench, LAMMPS.
+#   l: bash benchmarks/gpu_block.sh l $OUT   carry .device_carry/{wheels,lammps-cp312.tar.xz}
+#      LAMMPS alone: CUDA = CPU (lammps_cuda_exactness.py), timesteps/s + per-step phases.
 #
 # Seen 2026-12-01: 12 MD runs + 20 parallel study trainings on the one H200 slowed OpenMM with
 # CUDA graphs at 192 atoms from ~640 to ~30 steps/s and LAMMPS device cuda to ~16 ts/s: the long
@@ -102,6 +104,31 @@ step_k() {
     cp "$OUT/lbench/gpu_bench.json" "$OUT/gpu_bench_lammps_h200.json" 2>/dev/null; rm -rf "$OUT/lbench"
     [[ ${GPU_BLOCK_TF32:-1} == 1 ]] && mkdir -p /tmp/kmodels && tf32_trained /tmp/kmodels
     log "done k"
+}
+
+step_l() {
+    # LAMMPS alone (wheels, lammps-cp312.tar.xz carried): plugin build, CUDA = CPU (run 0 in
+    # every ghost mode, then STEPS of NVE on one rank), timesteps/s and the plugin's per-step
+    # phase breakdown at 1,536 and 24,576 atoms (fused-qkv export)
+    bash benchmarks/gpu_session.sh "$OUT" none 2>&1 | tail -2
+    export LD_PRELOAD=/tmp/libnvrtc.so.12
+    local lmp=/tmp/lmp sp=/tmp/lmp/lib/python3.12/site-packages
+    mkdir -p $lmp && tar xJf .device_carry/lammps-cp312.tar.xz -C $lmp
+    sed -i 's#^mpich-[0-9.]*\.data/data/#../../../#' $sp/mpich-*.dist-info/RECORD 2>/dev/null
+    export PATH=$lmp/bin:$PATH LD_LIBRARY_PATH=$lmp/lib PYTHONPATH=$sp
+    python3 -m transip_md.ops build 2>&1 | tail -1 &
+    python3 -m transip_md.export /tmp/lmodel64.pt --dtype float64 2>&1 | tail -1 &
+    local plugin; plugin=$(python3 -m transip_md.lammps build 2>"$OUT/plugin_build.log" | tail -1); wait
+    log "plugin $plugin"
+    local exe; exe=$(command -v lmp || echo $sp/lammps/lmp)
+    mkdir -p /tmp/lexact && OMP_NUM_THREADS=8 timeout 150 python3 benchmarks/lammps_cuda_exactness.py \
+        "$exe" "$(command -v mpirun)" "$plugin" /tmp/lmodel64.pt /tmp/lexact 2>&1 | tee "$OUT/lammps_cuda_exactness.txt"
+    log "LAMMPS device cuda, fused-qkv, with the per-step phases"
+    timeout ${GPU_BLOCK_LAMMPS_TIMEOUT:-150} python3 benchmarks/gpu_bench.py --parts lammps --kernels fused-qkv \
+        --lammps-sizes 1536 24576 --lammps-steps 40 --lammps-timeout 60 --lmp "$exe" --plugin "$plugin" \
+        --out "$OUT/lbench" 2>&1 | grep -v "^{" | tail -14
+    cp "$OUT/lbench/gpu_bench.json" "$OUT/gpu_bench_lammps_h200.json" 2>/dev/null; rm -rf "$OUT/lbench"
+    log "done l"
 }
 
 wait_for_file() {  # FILE SECONDS
@@ -188,6 +215,6 @@ step_c() {
 
 case $STEP in
     a) step_a ;; b) step_b ;; bc) step_bc ;;
-    s) LONGRUN_RUNS="soak-openmm-graphs-1536 soak-lammps-cuda-1536" LONGRUN_BEFORE_START="" step_bc ;; b-clean) step_b_clean ;; c) step_c ;; k) step_k ;;
-    *) echo "usage: gpu_block.sh a|b|bc|s|c|k OUT" >&2; exit 2 ;;
+    s) LONGRUN_RUNS="soak-openmm-graphs-1536 soak-lammps-cuda-1536" LONGRUN_BEFORE_START="" step_bc ;; b-clean) step_b_clean ;; c) step_c ;; k) step_k ;; l) step_l ;;
+    *) echo "usage: gpu_block.sh a|b|bc|s|c|k|l OUT" >&2; exit 2 ;;
 esac

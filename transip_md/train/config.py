@@ -51,6 +51,12 @@ class TrainConfig:
     early_stopping_patience: Optional[int] = None
     # Stop after this many seconds of training wall time (validation included; None = never).
     max_seconds: Optional[float] = None
+    # With max_seconds: the cosine schedule's progress is the larger of the step fraction
+    # (steps / max_steps) and the time fraction (elapsed / max_seconds), so that a run stopped
+    # by its time budget ends annealed. Without it such a run stops wherever the step schedule
+    # happens to be (the 2026-12-02 study: 3,700-7,200 of 20,000 steps, at 70-92 % of the peak
+    # rate). The schedule then depends on the machine's speed, i.e. runs are not bit-reproducible.
+    schedule_by_time: bool = False
     # The progress bar's loss readout copies a number to the host; do it every this many steps.
     log_interval_steps: int = 50
 
@@ -63,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"contrastive_mse_weight must be >= 0, got {self.contrastive_mse_weight}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError(f"early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
+        if self.schedule_by_time and self.max_seconds is None:
+            raise ValueError("schedule_by_time needs max_seconds (the time the schedule spans)")
         if self.log_interval_steps < 1:
             raise ValueError(f"log_interval_steps must be >= 1, got {self.log_interval_steps}")
         if self.dtype not in ("float32", "float64"):

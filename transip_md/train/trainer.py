@@ -120,6 +120,7 @@ class Trainer:
         steps_per_epoch = max(1, sum(1 for _ in batches_by_atoms(self.train_frames, cfg.batch_atoms, False, 0)))
         total = steps_per_epoch * cfg.epochs
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.run_start: Optional[float] = None  # time.time() at run()'s start (schedule_by_time)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.ema = copy.deepcopy(self.potential) if cfg.ema_decay else None
         self.rng = torch.Generator().manual_seed(cfg.seed + 1)
@@ -139,6 +140,8 @@ class Trainer:
         if step < warm:
             return (step + 1) / warm
         progress = min(1.0, (step - warm) / max(1, self.total_steps - warm))
+        if self.cfg.schedule_by_time and self.run_start is not None:
+            progress = max(progress, min(1.0, (time.time() - self.run_start) / max(self.cfg.max_seconds, 1e-9)))
         return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     @torch.no_grad()
@@ -204,6 +207,7 @@ class Trainer:
                    desc=f"train[{cfg.mode}]", unit="step")
         # elapsed_s continues across --resume
         start = time.time() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
+        self.run_start = start
         self.log(LOG_HEADER)
         self.stop_reason = ""
         while self.epoch < cfg.epochs and self.step < self.total_steps and not self.stop_reason:
