@@ -230,7 +230,8 @@ def test_rbf_width_option_defaults_to_the_old_function_and_old_files():
 def test_time_budgeted_schedule_ends_annealed(frames, tmp_path):
     """schedule_by_time: a run stopped by max_seconds long before max_steps ends at the cosine
     schedule's floor (2 % of the peak rate); by steps alone it would still be near the peak.
-    The budget is reached after many steps, so the last step is within a few per cent of it."""
+    The last scheduler step comes within one step (milliseconds here) of the budget's end, so
+    the time fraction is near 1 however many steps fit in the budget."""
     quick = dict(epochs=10**6, max_steps=10**6, batch_atoms=96, warmup_steps=1, ema_decay=None,
                  dtype="float64", mode="none", seed=0, lr=1e-3, max_seconds=3.0,
                  val_interval_steps=10**6)  # validate at the end only: many steps in 3 s
@@ -240,7 +241,7 @@ def test_time_budgeted_schedule_ends_annealed(frames, tmp_path):
         t = Trainer(named_config("tiny"), TrainConfig(schedule_by_time=by_time, **quick), small, val,
                     tmp_path / f"time{by_time}", progress=False, log=lambda line: None)
         t.run()
-        assert t.stop_reason == "max_seconds" and t.step > 20
+        assert t.stop_reason == "max_seconds" and t.step > 0  # stopped by time, after training
         runs[by_time] = t.history[-1]["lr"]
     assert runs[False] > 0.99e-3  # 3 s of a 10^6-step schedule: still at the peak
     assert runs[True] < 0.1e-3, runs  # annealed to (nearly) the floor, 0.02e-3
