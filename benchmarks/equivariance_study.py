@@ -198,7 +198,7 @@ def run_mace(args, train, val, test) -> Dict:
     val_every = max(1, args.val_interval_steps)
     curve: List[Dict] = []
     # mace_run_train's --swa stage: the last part of the budget weights energies 1000:100 at a
-    # lower learning rate (with forces 100:1 throughout, energies stay ~10x worse than forces allow)
+    # lower learning rate (the main stage's 1:100 weighting leaves energies poorly fitted)
     swa_at = args.run_seconds * (1.0 - args.mace_swa_fraction)
     in_swa = False
     while step < args.max_steps:
