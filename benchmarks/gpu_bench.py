@@ -32,7 +32,8 @@ Parts (``--parts``, comma list; a part whose packages are missing is reported an
   --timestep-fs 0.001``): at 0.5 fs its dynamics bring two atoms together within a few hundred
   steps, and the cost per step does not depend on the step. ``--model`` runs relax and use 0.5 fs.
 * ``lammps``: LAMMPS timesteps/s of the periodic water deck (``fix nve``, 0.5 fs) with
-  ``pair_style transip device cuda``, one rank; needs ``--lmp`` (the LAMMPS executable) and
+  ``pair_style transip device cuda edges E``, one rank, once per ``--lammps-edges`` value E
+  (``host device`` times both edge builders); needs ``--lmp`` (the LAMMPS executable) and
   ``--plugin`` (``python -m transip_md.lammps build`` prints it). Each row also holds the
   plugin's per-step phase times of the timed run (``phases_ms``: rows, to device, model, to
   host, scatter, total; lammps_examples/README.md, "Where a step's time goes") and LAMMPS' Pair
@@ -50,6 +51,7 @@ Prints one table per part and writes ``OUT/gpu_bench.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -461,7 +463,7 @@ atom_style atomic
 boundary p p p
 read_data {data}
 plugin load {plugin}
-pair_style transip device {device}
+pair_style transip device {device} edges {edges}
 pair_coeff * * {model} O H
 neighbor 1.0 bin
 neigh_modify every 1 delay 0 check yes
@@ -508,22 +510,26 @@ def bench_lammps(args, files: Dict[str, Path], out: Path) -> Dict:
     if not (args.lmp and args.plugin):
         raise RuntimeError("the lammps part needs --lmp and --plugin")
     rows = []
-    for n_atoms in args.lammps_sizes:
+    for n_atoms, edges in itertools.product(args.lammps_sizes, args.lammps_edges):
         atoms = water_box(n_atoms // WATER_ATOMS, seed=0)
         data = out / f"water{len(atoms)}.data"
-        write_lammps_data(data, atoms)
-        deck = out / f"in.water{len(atoms)}"
+        if not data.exists():
+            write_lammps_data(data, atoms)
+        deck = out / f"in.water{len(atoms)}_{edges}"
         deck.write_text(LAMMPS_DECK.format(data=data, plugin=args.plugin, model=files["float32"],
-                                           device=args.lammps_device, steps=args.lammps_steps))
+                                           device=args.lammps_device, steps=args.lammps_steps,
+                                           edges=edges))
         proc = subprocess.run([args.lmp, "-in", str(deck), "-log", "none"], capture_output=True,
                               text=True, timeout=args.lammps_timeout)
         runs = lammps_runs(proc.stdout)
         if proc.returncode != 0 or len(runs) < 2:
-            rows.append({"atoms": len(atoms), "error": (proc.stdout + proc.stderr)[-1500:]})
+            rows.append({"atoms": len(atoms), "edges": edges,
+                         "error": (proc.stdout + proc.stderr)[-1500:]})
         else:
             timed = runs[-1]
             seconds, steps = timed["seconds"], timed["steps"]
-            row = {"atoms": len(atoms), "device": args.lammps_device, "steps": steps,
+            row = {"atoms": len(atoms), "device": args.lammps_device, "edges": edges,
+                   "steps": steps,
                    "seconds": seconds, "timesteps_per_s": steps / seconds,
                    "ns_per_day": steps / seconds * 0.5e-6 * 86400}
             if "pair_seconds" in timed:
@@ -541,13 +547,15 @@ def print_lammps_table(rows: List[Dict]) -> None:
     names = []
     for r in rows:
         names += [n for n in r.get("phases_ms", {}) if n not in names]
-    print(f"\n{'atoms':>7} {'steps/s':>8} {'Pair ms':>8} " + " ".join(f"{n:>9}" for n in names))
+    print(f"\n{'atoms':>7} {'edges':>7} {'steps/s':>8} {'Pair ms':>8} "
+          + " ".join(f"{n:>9}" for n in names))
     for r in rows:
         if "error" in r:
-            print(f"{r['atoms']:>7} failed")
+            print(f"{r['atoms']:>7} {r.get('edges', ''):>7} failed")
             continue
         phases = r.get("phases_ms", {})
-        print(f"{r['atoms']:>7} {r['timesteps_per_s']:>8.2f} {r.get('pair_ms', float('nan')):>8.2f} "
+        print(f"{r['atoms']:>7} {r.get('edges', ''):>7} {r['timesteps_per_s']:>8.2f} "
+              f"{r.get('pair_ms', float('nan')):>8.2f} "
               + " ".join(f"{phases.get(n, float('nan')):>9.3f}" for n in names))
 
 
@@ -626,6 +634,9 @@ def main() -> None:
     p.add_argument("--lammps-steps", type=int, default=100)
     p.add_argument("--lammps-timeout", type=int, default=300)
     p.add_argument("--lammps-device", default="cuda", help="pair_style transip device (lammps part)")
+    p.add_argument("--lammps-edges", nargs="+", default=["auto"], choices=["auto", "host", "device"],
+                   help="pair_style transip edges values to time (lammps part; each size runs "
+                        "once per value)")
     p.add_argument("--out", default="runs/gpu_bench")
     args = p.parse_args()
     args.variants = args.variants.split(",")

@@ -123,7 +123,8 @@ step_l() {
         "$exe" "$(command -v mpirun)" "$plugin" /tmp/lmodel64.pt /tmp/lexact 2>&1 | tee "$OUT/lammps_cuda_exactness.txt"
     log "LAMMPS device cuda, fused-qkv, with the per-step phases"
     timeout ${GPU_BLOCK_LAMMPS_TIMEOUT:-150} python3 benchmarks/gpu_bench.py --parts lammps --kernels fused-qkv \
-        --lammps-sizes 1536 24576 --lammps-steps 40 --lammps-timeout 60 --lmp "$exe" --plugin "$plugin" \
+        --lammps-sizes 1536 24576 --lammps-steps 40 --lammps-timeout 60 --lammps-edges ${GPU_BLOCK_LAMMPS_EDGES:-host device} \
+        --lmp "$exe" --plugin "$plugin" \
         --out "$OUT/lbench" 2>&1 | grep -v "^{" | tail -14
     cp "$OUT/lbench/gpu_bench.json" "$OUT/gpu_bench_lammps_h200.json" 2>/dev/null; rm -rf "$OUT/lbench"
     log "done l"

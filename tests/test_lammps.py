@@ -332,6 +332,69 @@ def test_prune_is_exact(plugin, water_data, model64):
     assert rel_err(a["virial"], b["virial"]) <= 1e-12
 
 
+@pytest.mark.parametrize("data", ["water", "triclinic"])
+def test_device_edges_equal_host_edges(plugin, water_data, triclinic_data, model64, data):
+    """ghosts map: the edges selected by torch operators from the candidate pairs (edges
+    device, here on the CPU; on the GPU in tests/test_gpu.py) are the host loop's, so
+    energies, forces and the virial agree to the last bit."""
+    path = {"water": water_data, "triclinic": triclinic_data}[data]
+    host = run0_inprocess(plugin, path, model64, style_args="ghosts map edges host")
+    dev = run0_inprocess(plugin, path, model64, style_args="ghosts map edges device")
+    assert host["pe"] == dev["pe"]
+    np.testing.assert_array_equal(host["f"], dev["f"])
+    np.testing.assert_array_equal(host["peatom"], dev["peatom"])
+    np.testing.assert_array_equal(host["virial"], dev["virial"])
+
+
+def thermo_rows(stdout: str, columns: int) -> np.ndarray:
+    """The numeric rows of the first thermo table of a LAMMPS log."""
+    lines = stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.split()[:1] == ["Step"])
+    rows = []
+    for ln in lines[head + 1:]:
+        parts = ln.split()
+        if len(parts) != columns or not parts[0].isdigit():
+            break
+        rows.append([float(v) for v in parts])
+    return np.array(rows)
+
+
+def test_device_edges_follow_neighbour_list_rebuilds(plugin, workdir, model64):
+    """NVE across many neighbour-list builds (small skin, small box: ghost indices change at
+    every build): edges device must take the new candidate pairs each time, so its trajectory
+    is the host builder's to the last printed digit; stale pairs would pull on the wrong
+    atoms within a few steps."""
+    data = water.write_lammps_data(workdir / "water8_edges.data", water.water_box(8, seed=5))
+    runs = {}
+    for edges in ("host", "device"):
+        out = run_lmp(f"""
+            units metal
+            atom_style atomic
+            read_data {data}
+            plugin load {plugin}
+            pair_style transip ghosts map edges {edges}
+            pair_coeff * * {model64} O H
+            neighbor 0.3 bin
+            neigh_modify every 1 delay 0 check yes
+            velocity all create 600 4928459 mom yes rot yes
+            fix nve all nve
+            timestep 0.0005
+            thermo_style custom step pe ke press
+            thermo_modify format float %.17g
+            thermo 5
+            run 100
+            """, workdir, name=f"in.nve_edges_{edges}")
+        assert out.returncode == 0, out.stdout[-3000:]
+        builds = int(next(ln for ln in out.stdout.splitlines()
+                          if ln.startswith("Neighbor list builds")).split()[-1])
+        runs[edges] = (thermo_rows(out.stdout, 4), builds, out.stdout)
+    (host, builds_host, _), (dev, builds_dev, log_dev) = runs["host"], runs["device"]
+    assert "edges selected on the model's device" in log_dev
+    assert builds_host == builds_dev >= 5, (builds_host, builds_dev)
+    assert host.shape == dev.shape and host[-1, 0] == 100
+    np.testing.assert_array_equal(host, dev)
+
+
 @pytest.mark.parametrize("ghosts", ["map", "halo", "shell"])
 def test_triclinic_cell_matches_model(plugin, triclinic_data, model64, scripted, ghosts):
     res = run0_inprocess(plugin, triclinic_data, model64, style_args=f"ghosts {ghosts}")
@@ -982,6 +1045,14 @@ def _error_cases(workdir, model64):
                                       r"points.*format_version 1"),
         "bad ghosts value": (dict(style="ghosts thick"),
                              r"ghosts must be auto, map, halo or shell, got 'thick'"),
+        "bad edges value": (dict(style="edges gpu"),
+                            r"edges must be auto, host or device, got 'gpu'"),
+        "edges device without map": (dict(style="ghosts halo edges device"),
+                                     r"edges device needs ghosts map \(one MPI rank with atom "
+                                     r"IDs\); this run uses ghosts halo"),
+        "overlapping atoms, edges device": (dict(data=overlap, boundary="f f f",
+                                                 style="edges device"),
+                                            r"same position.*atom ID (72|20).*atom ID (72|20)"),
         "missing capability": (dict(model=no_local),
                                r"pair_coeff for transip: '.*model64_no_local_entry\.pt' does not "
                                r"provide local_energies_forces \(needed by pair_style transip; "
@@ -1001,7 +1072,9 @@ def _error_cases(workdir, model64):
                                   "units lj", "units real, no unit metadata", "newton off",
                                   "no cuda",
                                   "charge out of range", "halo without entry points",
-                                  "bad ghosts value", "missing capability",
+                                  "bad ghosts value", "bad edges value",
+                                  "edges device without map", "overlapping atoms, edges device",
+                                  "missing capability",
                                   "operator library not loaded"])
 def test_error_messages(plugin, workdir, water_data, model64, case):
     if case == "no cuda" and torch.cuda.is_available():

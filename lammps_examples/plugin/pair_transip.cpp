@@ -99,9 +99,11 @@ PairTransIP::PairTransIP(LAMMPS *lmp) :
     Pair(lmp), device_request("cpu"), total_charge(0), multiplicity(1), prune(true),
     jit_optimize(-1), recompute(false), ghost_request("auto"), ghost_mode(GHOSTS_SHELL),
     feature_width(0), cutghost_before(0.0), cutghost_raised(0.0), check_masses(true),
+    edges_request("auto"), device_edges(false),
     energy_unit(1.0), kcal_per_mol_per_ev(0.0), device(torch::kCPU),
     model_dtype(torch::kFloat64), model_cutoff(0.0), receptive_field(0.0), num_layers(0),
     format_version(0), electron_warning_given(false), nlocal_rows(0), report_load(false),
+    cand_ncalls(-1), cand_nlocal(-1), cand_nghost(-1), ncandidates(0),
     halo_dtype(torch::kFloat64), border_ncalls(-1), border_nlocal(-1), border_nghost(-1)
 {
   single_enable = 0;
@@ -143,7 +145,7 @@ void PairTransIP::allocate()
 /* ----------------------------------------------------------------------
    pair_style transip [device cpu|cuda] [charge Q] [multiplicity M] [prune yes|no]
                       [jit_optimize yes|no] [ghosts auto|map|halo|shell] [recompute yes|no]
-                      [check_masses yes|no]
+                      [check_masses yes|no] [edges auto|host|device]
 ------------------------------------------------------------------------- */
 
 void PairTransIP::settings(int narg, char **arg)
@@ -157,6 +159,7 @@ void PairTransIP::settings(int narg, char **arg)
   bool new_recompute = false;
   std::string new_ghosts = "auto";
   bool new_check_masses = true;
+  std::string new_edges = "auto";
   int iarg = 0;
   while (iarg < narg) {
     const std::string key = arg[iarg];
@@ -189,10 +192,15 @@ void PairTransIP::settings(int narg, char **arg)
                    "pair_style transip: ghosts must be auto, map, halo or shell, got '{}'",
                    value);
       new_ghosts = value;
+    } else if (key == "edges") {
+      if (value != "auto" && value != "host" && value != "device")
+        error->all(FLERR, "pair_style transip: edges must be auto, host or device, got '{}'",
+                   value);
+      new_edges = value;
     } else {
       error->all(FLERR,
                  "pair_style transip: unknown keyword '{}' (expected device, charge, "
-                 "multiplicity, ghosts, prune, recompute, jit_optimize or check_masses)",
+                 "multiplicity, ghosts, prune, recompute, jit_optimize, check_masses or edges)",
                  key);
     }
     iarg += 2;
@@ -207,6 +215,7 @@ void PairTransIP::settings(int narg, char **arg)
   recompute = new_recompute;
   ghost_request = new_ghosts;
   check_masses = new_check_masses;
+  edges_request = new_edges;
   select_device();
   // pair_style issued again after pair_coeff: keep the model, move it if needed
   if (model && device_changed) model->module().to(device);
@@ -539,17 +548,31 @@ void PairTransIP::init_style()
                model_path);
   if (has_low_memory) model->module().setattr("low_memory", ghost_mode == GHOSTS_MAP && recompute);
 
+  // edges device (pair_transip_device_edges.cpp): the model's edges are selected on its
+  // device, from pairs uploaded once per neighbour-list build. auto: on a GPU in map mode,
+  // where the host loop over LAMMPS' list cost more than the model (24,576 atoms, H200).
+  if (edges_request == "device" && ghost_mode != GHOSTS_MAP)
+    error->all(FLERR,
+               "pair_style transip edges device needs ghosts map (one MPI rank with atom IDs); "
+               "this run uses ghosts {}, whose edges are built on the host: use edges auto or "
+               "host", ghost_mode == GHOSTS_HALO ? "halo" : "shell");
+  device_edges = ghost_mode == GHOSTS_MAP &&
+                 (edges_request == "device" || (edges_request == "auto" && device.is_cuda()));
+  cand_ncalls = -1;    // candidates again at the first compute of this run
+
   if (ghost_mode == GHOSTS_MAP) {
     no_virial_fdotr_compute = 1;    // the model returns the virial of the mapped edges
     neighbor->add_request(this, NeighConst::REQ_FULL);
     if (comm->me == 0)
       utils::logmesg(lmp,
                      "TransIP: one rank: periodic ghosts mapped to their owned atoms; the "
-                     "model runs on owned atoms only (ghost cutoff {:.4g} Å = cutoff + skin){}\n",
+                     "model runs on owned atoms only (ghost cutoff {:.4g} Å = cutoff + skin){}; "
+                     "edges selected on {}\n",
                      model_cutoff + neighbor->skin,
                      recompute ? "; recompute yes: the model keeps one layer's autograd graph "
                                  "at a time (less memory, more time)"
-                               : "");
+                               : "",
+                     device_edges ? "the model's device (edges device)" : "the host");
     return;
   }
   no_virial_fdotr_compute = 0;
@@ -811,7 +834,10 @@ void PairTransIP::compute(int eflag, int vflag)
   // phases (pair_transip_timing.h): rows here, to device .. to host in evaluate_model() or
   // compute_halo(), scatter (add_model_results and the fdotr virial) closed here
   phase_times.start();
-  build_rows();
+  if (device_edges)
+    prepare_device_edges();    // rows and candidate pairs, at each neighbour-list build
+  else
+    build_rows();
   phase_times.lap(transip::PhaseTimes::ROWS);
   if (ghost_mode == GHOSTS_HALO)
     compute_halo();
@@ -881,6 +907,7 @@ double PairTransIP::memory_usage()
   bytes += pos_buf.capacity() * sizeof(double) + z_buf.capacity() * sizeof(int64_t);
   bytes += (edge_i_buf.capacity() + edge_j_buf.capacity()) * sizeof(int64_t);
   bytes += shift_buf.capacity() * sizeof(double);
+  bytes += double(ncandidates) * 3 * sizeof(int32_t);    // edges device, on the model's device
   for (const torch::Tensor *block : {&border_feat, &ghost_feat, &border_grad})
     if (block->defined()) bytes += double(block->numel() * block->element_size());
   bytes += (border_atoms.capacity() + border_slot.capacity() + ghost_slot.capacity()) * sizeof(int);

@@ -12,7 +12,7 @@
      pair_style transip [device cpu|cuda] [charge Q] [multiplicity M]
                         [ghosts auto|map|halo|shell] [prune yes|no]
                         [recompute yes|no] [jit_optimize yes|no]
-                        [check_masses yes|no]
+                        [check_masses yes|no] [edges auto|host|device]
      pair_coeff * * model.pt O H                    (one element symbol per
                                                      atom type, NULL = skip)
 
@@ -22,6 +22,8 @@
      pair_transip_rows.cpp   the model's input rows and edges (one builder for
                              every ghost mode) and the one scatter of its results
      pair_transip_halo.cpp   the per-layer halo exchange (ghosts halo)
+     pair_transip_device_edges.cpp  ghosts map: the model's edges selected on its
+                             device from LAMMPS' list (edges device)
      pair_transip_timing.h/.cpp  the time per step of compute()'s phases, reported
                              after each run (finish)
      transip_model.h/.cpp    the door to the model file, shared with
@@ -79,6 +81,8 @@ class PairTransIP : public Pair {
   double cutghost_before;        // comm->cutghostuser before shell mode raised it
   double cutghost_raised;        // the value shell mode set (0: none)
   bool check_masses;             // warn when a type's mass is not its element's
+  std::string edges_request;     // "auto", "host" or "device"
+  bool device_edges;             // this run: edges selected on the model's device (map mode)
 
   // ---- units: the model works in eV and Å; LAMMPS energies are eV (metal) or kcal/mol (real).
   // Energies, forces and the virial are multiplied by energy_unit on the way out, nothing else.
@@ -118,6 +122,18 @@ class PairTransIP : public Pair {
   std::vector<char> centre_in_list;    // atom has a neighbour row in the list
   bool report_load;                    // log ghost/local counts at the next compute
   transip::PhaseTimes phase_times;     // where compute() spends its time (pair_transip_timing.h)
+
+  // ---- edges device (pair_transip_device_edges.cpp): LAMMPS' pairs of mapped atoms, uploaded
+  // once per neighbour-list build; each step only the positions travel and the device keeps
+  // the pairs within the model cutoff
+  torch::Tensor cand_ri, cand_rj, cand_j;    // int32 [candidates]: centre row, owner row of
+                                             //   the neighbour, neighbour's LAMMPS index
+  torch::Tensor row_atom_dev;                // int64 [rows]: LAMMPS index of each row
+  torch::Tensor numbers_dev, charge_dev, spin_dev;
+  torch::Tensor stage_x;                     // CUDA: pinned host block for atom->x
+  bigint cand_ncalls;                        // neighbor->ncalls the candidates belong to
+  int cand_nlocal, cand_nghost;              // atom counts then
+  int64_t ncandidates;
 
   // ---- halo exchange (pair_transip_halo.cpp): only the rows LAMMPS communicates cross
   // between the model's device and the host; host blocks are pinned when the device is CUDA,
@@ -163,6 +179,11 @@ class PairTransIP : public Pair {
   };
   ModelInputs model_inputs();
   void add_model_results(const double *fr, const double *er, const double *model_virial);
+
+  // pair_transip_device_edges.cpp
+  void prepare_device_edges();
+  void build_candidates();
+  ModelInputs device_edge_inputs();
 
   // pair_transip_halo.cpp
   void compute_halo();

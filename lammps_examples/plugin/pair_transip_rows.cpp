@@ -209,6 +209,7 @@ void PairTransIP::report_model_load(int64_t nedges)
 // waits for everything queued before it on the stream, the uploads included.
 PairTransIP::ModelInputs PairTransIP::model_inputs()
 {
+  if (device_edges) return device_edge_inputs();    // pair_transip_device_edges.cpp
   const int64_t nrows = static_cast<int64_t>(row_to_atom.size());
   const int64_t nedges = static_cast<int64_t>(edge_i_buf.size());
   const int64_t nshift = ghost_mode == GHOSTS_MAP ? nedges : 0;

@@ -38,8 +38,9 @@ BUILDER_VERSION = 2
 PLUGIN_FILENAME = "transipplugin.so"  # LAMMPS_PLUGIN_PATH autoload wants *plugin.so
 #: The plugin's files (all of them are compiled; tests/test_lammps.py checks the list is
 #: complete). The model door (transip_model.*) is shared with export/check/transip_check.
-SOURCES = ("pair_transip.cpp", "pair_transip_halo.cpp", "pair_transip_rows.cpp",
-           "pair_transip_timing.cpp", "transip_model.cpp", "transip_plugin.cpp")
+SOURCES = ("pair_transip.cpp", "pair_transip_device_edges.cpp", "pair_transip_halo.cpp",
+           "pair_transip_rows.cpp", "pair_transip_timing.cpp", "transip_model.cpp",
+           "transip_plugin.cpp")
 HEADERS = ("pair_transip.h", "pair_transip_timing.h", "transip_model.h")
 #: The model door alone: what a program that is not a LAMMPS plugin compiles with it.
 DOOR_SOURCES = ("transip_model.cpp",)
