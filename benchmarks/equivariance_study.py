@@ -26,6 +26,7 @@ molecule of the recipe shares, so this costs it nothing here).
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -41,6 +42,33 @@ import numpy as np
 
 TRANSIP_MODES = ("none", "augment", "learned-mse", "learned-contrastive")
 ALL_MODES = TRANSIP_MODES + ("mace",)
+
+
+# ----------------------------------------------------------------------------- variants
+def parse_variant(spec: str):
+    """``"base"`` -> ("base", {}); ``"w128:width=128,heads=8"`` -> ("w128", {"width": 128,
+    "heads": 8}): a label and ModelConfig overrides (ints, floats, true/false)."""
+    label, _, body = spec.partition(":")
+    overrides = {}
+    for item in filter(None, body.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"variant '{spec}': '{item}' is not key=value")
+        low = value.lower()
+        if low in ("true", "false"):
+            overrides[key] = low == "true"
+        else:
+            try:
+                overrides[key] = int(value)
+            except ValueError:
+                overrides[key] = float(value)
+    return label, overrides
+
+
+def cell_mode(row: Dict) -> str:
+    """The table's mode column: the training mode, with the architecture variant if any."""
+    variant = row.get("variant", "base")
+    return row["mode"] if variant == "base" else f"{row['mode']}+{variant}"
 
 
 # ----------------------------------------------------------------------------- data
@@ -77,6 +105,7 @@ def run_transip(args, train, val, test) -> Dict:
     from transip_md.train import Trainer, load_config
 
     model_cfg, cfg = load_config(args.config)
+    model_cfg = dataclasses.replace(model_cfg, **parse_variant(args.variant)[1])
     cfg.mode, cfg.seed, cfg.device = args.mode, args.seed, args.device
     cfg.epochs, cfg.max_steps = 10**6, args.max_steps
     cfg.batch_atoms = args.batch_atoms
@@ -279,7 +308,8 @@ def cmd_worker(args) -> int:
         pool, val, test = load_split(args.train), load_split(args.val), load_split(args.test)
     train = nested_subset(pool, args.size)
     val, test = val[: args.max_val], test[: args.max_test]
-    job = {"train_frames": args.size, "mode": args.mode, "seed": args.seed,
+    job = {"train_frames": args.size, "mode": args.mode, "variant": parse_variant(args.variant)[0],
+           "variant_spec": args.variant, "seed": args.seed,
            "budget_s": args.run_seconds, "val_frames": len(val), "test_frames": len(test)}
     try:
         result = (run_mace if args.mode == "mace" else run_transip)(args, train, val, test)
@@ -295,12 +325,14 @@ def cmd_worker(args) -> int:
 def job_list(args) -> List[Dict]:
     """Seed 0 of every (size, mode) first, then further seeds: a study cut short still covers
     every cell once."""
-    return [{"size": size, "mode": mode, "seed": seed}
-            for seed in args.seeds for size in args.sizes for mode in args.modes]
+    return [{"size": size, "mode": mode, "seed": seed, "variant": variant}
+            for seed in args.seeds for size in args.sizes for mode in args.modes
+            for variant in (args.variants if mode != "mace" else ["base"])]
 
 
 def job_name(job: Dict) -> str:
-    return f"{job['mode']}-n{job['size']}-s{job['seed']}"
+    label = parse_variant(job["variant"])[0]
+    return f"{job['mode']}{'' if label == 'base' else '+' + label}-n{job['size']}-s{job['seed']}"
 
 
 def cmd_run(args) -> int:
@@ -343,7 +375,8 @@ def cmd_run(args) -> int:
             budget = min(args.run_seconds, left - args.grace_seconds)
             cmd = [sys.executable, __file__, "worker", "--data-pickle", str(data_pickle),
                    "--size", str(job["size"]), "--mode", job["mode"],
-                   "--seed", str(job["seed"]), "--run-seconds", str(budget),
+                   "--seed", str(job["seed"]), "--variant", job["variant"],
+                   "--run-seconds", str(budget),
                    "--result", str(out / "results" / f"{name}.json"),
                    "--run-dir", str(out / "runs" / name), *args.worker_args]
             log = open(out / "logs" / f"{name}.log", "w")
@@ -372,7 +405,7 @@ def summarise(rows: List[Dict]) -> Dict:
     cells: Dict = {}
     for r in rows:
         if r.get("status") == "done":
-            cells.setdefault((r["train_frames"], r["mode"]), []).append(r)
+            cells.setdefault((r["train_frames"], cell_mode(r)), []).append(r)
     table = []
     for (size, mode), rs in sorted(cells.items()):
         def stat(key):
@@ -394,7 +427,7 @@ def summarise(rows: List[Dict]) -> Dict:
                 goals["learned_vs_augment"].append({
                     "train_frames": size, "mode": mode, "force_mae_change": change,
                     "goal_met": bool(change <= -0.40) if size <= 1000 else None})
-        transip = [by[(size, m)] for m in TRANSIP_MODES if (size, m) in by]
+        transip = [t for t in table if t["train_frames"] == size and t["mode"] != "mace"]
         if transip and (size, "mace") in by:
             best = min(transip, key=lambda t: t["force_mae_mev_per_A_mean"])
             ratio = best["force_mae_mev_per_A_mean"] / by[(size, "mace")]["force_mae_mev_per_A_mean"]
@@ -424,7 +457,7 @@ def print_table(summary: Dict, rows: List[Dict]) -> None:
               f"= {g['force_mae_ratio']:.2f} ({'goal met' if g['goal_met'] else 'goal missed'}; <= 1.10)")
     failed = [r for r in rows if r.get("status") == "failed"]
     for r in failed:
-        print(f"  FAILED {r['mode']} n={r['train_frames']} seed={r['seed']}: {r['error']}")
+        print(f"  FAILED {cell_mode(r)} n={r['train_frames']} seed={r['seed']}: {r['error']}")
 
 
 def plot(summary: Dict, path: Path) -> None:
@@ -434,7 +467,7 @@ def plot(summary: Dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for mode in ALL_MODES:
+    for mode in dict.fromkeys(t["mode"] for t in summary["table"]):  # variants too, in order
         ts = [t for t in summary["table"] if t["mode"] == mode]
         if not ts:
             continue
@@ -508,6 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sizes", type=int, nargs="+", default=[250, 1000, 4000, 16000])
     run.add_argument("--modes", nargs="+", default=list(ALL_MODES))
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    run.add_argument("--variants", nargs="+", default=["base"],
+                     help="TransIP architecture variants, each 'label' or 'label:key=value,...' "
+                          "(ModelConfig overrides, e.g. filter:edge_filter=true "
+                          "w128:width=128,heads=8); every TransIP mode runs with each")
     run.add_argument("--run-seconds", type=float, default=240.0, help="wall budget of each run")
     run.add_argument("--total-seconds", type=float, default=None,
                      help="no run starts unless it can have --min-run-seconds before this")
@@ -528,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--size", type=int, required=True)
     worker.add_argument("--mode", choices=ALL_MODES, required=True)
     worker.add_argument("--seed", type=int, default=0)
+    worker.add_argument("--variant", default="base", help="architecture variant (see run)")
     worker.add_argument("--run-seconds", type=float, required=True)
     worker.add_argument("--result", required=True)
     worker.add_argument("--run-dir", required=True)

@@ -9,7 +9,8 @@
 # replaces a file that exists; STUDY_CHUNKS (default 8) chunks of 1,000 frames.
 # STUDY_SECONDS: the whole study's wall budget (default 700 s), STUDY_RUN_SECONDS per run,
 # STUDY_PARALLEL runs at once (default 14: the machine's 16 cores, each run one host thread);
-# STUDY_SIZES, STUDY_MODES, STUDY_SEEDS narrow the grid (fewer, longer runs in one call).
+# STUDY_SIZES, STUDY_MODES, STUDY_SEEDS narrow the grid (fewer, longer runs in one call);
+# STUDY_VARIANTS adds TransIP architecture variants (e.g. "base filter:edge_filter=true").
 # The runs share the GPU through an MPS daemon (benchmarks/mps.sh; STUDY_MPS=0: time-slicing):
 # launch-bound small-model trainings otherwise time-slice the GPU (the 2026-12-01 study ran 20
 # at once without MPS, and none converged in its 270 s).
@@ -54,7 +55,7 @@ launch)
     setsid nohup python3 benchmarks/equivariance_study.py run --train $D/train_chunk*.extxyz \
         --val $D/val.extxyz --test $D/test.extxyz --sizes ${STUDY_SIZES:-250 1000 4000 16000} \
         --modes ${STUDY_MODES:-none augment learned-mse learned-contrastive mace} --seeds ${STUDY_SEEDS:-0 1} \
-        --run-seconds "$RUN" --total-seconds "$TOTAL" --grace-seconds 75 --parallel ${STUDY_PARALLEL:-14} --out "$S" \
+        --variants ${STUDY_VARIANTS:-base} --run-seconds "$RUN" --total-seconds "$TOTAL" --grace-seconds 75 --parallel ${STUDY_PARALLEL:-14} --out "$S" \
         --json "$S/equivariance_study_h200.json" --worker-args --config transip-xs --batch-atoms 1024 \
         --device cuda --val-interval-steps 200 --patience 6 > "$S/orchestrator.log" 2>&1 < /dev/null &
     echo "study started (pid $!), log $S/orchestrator.log"

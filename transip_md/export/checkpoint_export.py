@@ -191,6 +191,8 @@ def export_checkpoint(ckpt_path: PathLike, out_path: PathLike, dtype: str = "flo
         except OperatorUnavailable as exc:
             raise ModelFileError(f"--kernels {kernels} needs the operator library: {exc}; or "
                                  "export with --kernels reference (no library needed)") from None
+        except ValueError as exc:  # an architecture the operators do not cover
+            raise ModelFileError(f"--kernels {kernels} cannot export {ckpt_path}: {exc}") from None
     with atomic_output(out_path) as tmp:
         meta = write_exported(potential, tmp, dtype=dtype, extra_metadata=extra)
         if check:

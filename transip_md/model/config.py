@@ -12,7 +12,7 @@ MAX_MULTIPLICITY = 11
 
 
 #: Options added later, with the default that reproduces the earlier architecture.
-LATER_OPTION_DEFAULTS: Dict[str, Any] = {"rbf_width_factor": 1.0}
+LATER_OPTION_DEFAULTS: Dict[str, Any] = {"rbf_width_factor": 1.0, "edge_filter": False}
 
 
 @dataclass
@@ -31,6 +31,14 @@ class ModelConfig:
     # (1.0 = the original width, sigma = cutoff / (num_rbf * sqrt(2))). An architecture lever for
     # the accuracy study; 1.0 keeps old checkpoints' function unchanged.
     rbf_width_factor: float = 1.0
+    # Continuous-filter neighbour tokens (an architecture lever of the accuracy study): each
+    # layer multiplies the gathered token of neighbour j by (1 + F e_ij), a learned per-channel
+    # function of the edge features, before keys and values are formed, so a neighbour's
+    # message depends on its element and its geometry jointly (SchNet's filter idea inside the
+    # attention) instead of as a sum. F starts at zero: the layer starts as the plain one. The
+    # fused operators (--kernels fused / fused-qkv) do not cover it: such models export with
+    # --kernels reference.
+    edge_filter: bool = False
     # Layers whose outputs the equivariance network learns to rotate (negative = from the end).
     equivariance_layers: List[int] = field(default_factory=lambda: [-1])
     equivariance_hidden: int = 256

@@ -178,6 +178,11 @@ def use_fused_attention(model: nn.Module, form: str = "folded") -> nn.Module:
     if form not in FUSED_FORMS:
         raise ValueError(f"unknown fused attention form {form!r}; choose one of "
                          f"{', '.join(FUSED_FORMS)}")
+    filtered = [m for m in model.modules() if type(m) is AttentionLayer and m.edge_filter]
+    if filtered:
+        raise ValueError("this model's attention layers filter neighbour tokens by their edges "
+                         "(model config edge_filter: true), which the fused operators do not "
+                         "cover; export it with --kernels reference")
     load_operator_library()
     for module in model.modules():
         if type(module) is AttentionLayer:

@@ -88,6 +88,13 @@ class AttentionLayer(nn.Module):
         # edge -> key offset, value offset, per-head logit bias
         self.edge_proj = nn.Linear(cfg.edge_width, 2 * cfg.width + cfg.heads)
         self.self_kv = nn.Parameter(torch.zeros(2 * cfg.width))
+        self.edge_filter = bool(cfg.edge_filter)
+        if self.edge_filter:  # F of the filtered tokens x_j (1 + F e_ij), zero at the start
+            self.filter = nn.Linear(cfg.edge_width, cfg.width)
+            nn.init.zeros_(self.filter.weight)
+            nn.init.zeros_(self.filter.bias)
+        else:  # no parameters: state dicts of plain layers stay as they were
+            self.filter = nn.Identity()
         self.out = nn.Linear(cfg.width, cfg.width)
         self.norm_ffn = nn.LayerNorm(cfg.width)
         self.ffn = nn.Sequential(
@@ -108,6 +115,8 @@ class AttentionLayer(nn.Module):
         # index_select, not x[nbr_index]: advanced-indexing backward serialises over repeated
         # indices and took 97 % of GPU time in training.
         x_nbr = x.index_select(0, gather_index.reshape(-1)).view(n_rows, n_slots, self.width)
+        if self.edge_filter:  # the neighbour's token filtered by its geometry (config.py)
+            x_nbr = x_nbr * (1.0 + self.filter(edge))
         logit_nbr = (
             torch.bmm(x_nbr, q_tok.transpose(1, 2)) + torch.bmm(edge, q_edge.transpose(1, 2)) + bias
         )  # [R, K, H]
