@@ -105,7 +105,16 @@ def run_transip(args, train, val, test) -> Dict:
     from transip_md.train import Trainer, load_config
 
     model_cfg, cfg = load_config(args.config)
-    model_cfg = dataclasses.replace(model_cfg, **parse_variant(args.variant)[1])
+    # a variant's keys: ModelConfig fields change the network, TrainConfig fields the training
+    overrides = parse_variant(args.variant)[1]
+    model_keys = {f.name for f in dataclasses.fields(model_cfg)}
+    train_keys = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides) - model_keys - train_keys)
+    if unknown:
+        raise SystemExit(f"variant '{args.variant}': unknown keys {', '.join(unknown)}")
+    model_cfg = dataclasses.replace(model_cfg, **{k: v for k, v in overrides.items()
+                                                  if k in model_keys})
+    train_overrides = {k: v for k, v in overrides.items() if k in train_keys}
     cfg.mode, cfg.seed, cfg.device = args.mode, args.seed, args.device
     cfg.epochs, cfg.max_steps = 10**6, args.max_steps
     cfg.batch_atoms = args.batch_atoms
@@ -118,6 +127,8 @@ def run_transip(args, train, val, test) -> Dict:
     cfg.schedule_by_time = args.schedule == "time"
     if args.lr is not None:
         cfg.lr = args.lr
+    for key, value in train_overrides.items():  # after the study's own settings
+        setattr(cfg, key, value)
     start = args.t_start
     trainer = Trainer(model_cfg, cfg, train, val, Path(args.run_dir), progress=False,
                       provenance={"study": "equivariance"}, log=lambda line: None)
@@ -135,7 +146,8 @@ def run_transip(args, train, val, test) -> Dict:
             "steps": trainer.step, "best_step": ckpt.training["steps"],
             "train_seconds": train_seconds, "stop_reason": trainer.stop_reason,
             "train_atoms_per_s": rates[-1] if rates else math.nan,
-            "schedule": args.schedule,
+            "schedule": args.schedule, "batch_atoms": cfg.batch_atoms, "lr": cfg.lr,
+            "model_config": model_cfg.to_dict(),
             # validation learning curve: is the run converged (flat), at what step/time
             "val_curve": [{"step": h["step"], "elapsed_s": h["elapsed_s"], "lr": h["lr"],
                            "force_mae_mev_per_A": h["val_force_mae_mev_per_A"],
@@ -542,9 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--modes", nargs="+", default=list(ALL_MODES))
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     run.add_argument("--variants", nargs="+", default=["base"],
-                     help="TransIP architecture variants, each 'label' or 'label:key=value,...' "
-                          "(ModelConfig overrides, e.g. filter:edge_filter=true "
-                          "w128:width=128,heads=8); every TransIP mode runs with each")
+                     help="TransIP variants, each 'label' or 'label:key=value,...' (ModelConfig "
+                          "or TrainConfig overrides, e.g. filter:edge_filter=true "
+                          "w128:width=128,heads=8 b4k:batch_atoms=4096,lr=0.002); every TransIP "
+                          "mode runs with each")
     run.add_argument("--run-seconds", type=float, default=240.0, help="wall budget of each run")
     run.add_argument("--total-seconds", type=float, default=None,
                      help="no run starts unless it can have --min-run-seconds before this")
