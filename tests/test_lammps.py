@@ -346,6 +346,20 @@ def test_device_edges_equal_host_edges(plugin, water_data, triclinic_data, model
     np.testing.assert_array_equal(host["virial"], dev["virial"])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs an NVIDIA GPU (torch sees no CUDA device)")
+def test_device_edges_on_cuda_equal_the_cpu(plugin, triclinic_data, model64):
+    """edges device on the GPU (the default there) against the host builder on the CPU:
+    float64 energies, forces and virial to round-off."""
+    cpu = run0_inprocess(plugin, triclinic_data, model64, style_args="device cpu edges host")
+    gpu = run0_inprocess(plugin, triclinic_data, model64,
+                         style_args="device cuda ghosts map edges device")
+    assert abs(gpu["pe"] - cpu["pe"]) <= 1e-12 * abs(cpu["pe"])
+    assert np.max(np.abs(gpu["f"] - cpu["f"])) <= 1e-10
+    assert rel_err(gpu["virial"], cpu["virial"]) <= 1e-10
+
+
 def thermo_rows(stdout: str, columns: int) -> np.ndarray:
     """The numeric rows of the first thermo table of a LAMMPS log."""
     lines = stdout.splitlines()
