@@ -360,6 +360,27 @@ def test_device_edges_on_cuda_equal_the_cpu(plugin, triclinic_data, model64):
     assert rel_err(gpu["virial"], cpu["virial"]) <= 1e-10
 
 
+# NVE in a small periodic water box with a 0.3 Å skin, so that the neighbour list and the
+# ghosts are rebuilt many times within the run.
+SMALL_BOX_NVE_DECK = """
+units metal
+atom_style atomic
+read_data {data}
+plugin load {plugin}
+pair_style transip {style}
+pair_coeff * * {model} O H
+neighbor 0.3 bin
+neigh_modify every 1 delay 0 check yes
+velocity all create {temperature} 4928459 mom yes rot yes
+fix nve all nve
+timestep {timestep}
+thermo_style custom step pe ke {last}
+thermo_modify format float {digits}
+thermo {every}
+run {steps}
+"""
+
+
 def thermo_rows(stdout: str, columns: int) -> np.ndarray:
     """The numeric rows of the first thermo table of a LAMMPS log."""
     lines = stdout.splitlines()
@@ -381,23 +402,10 @@ def test_device_edges_follow_neighbour_list_rebuilds(plugin, workdir, model64):
     data = water.write_lammps_data(workdir / "water8_edges.data", water.water_box(8, seed=5))
     runs = {}
     for edges in ("host", "device"):
-        out = run_lmp(f"""
-            units metal
-            atom_style atomic
-            read_data {data}
-            plugin load {plugin}
-            pair_style transip ghosts map edges {edges}
-            pair_coeff * * {model64} O H
-            neighbor 0.3 bin
-            neigh_modify every 1 delay 0 check yes
-            velocity all create 600 4928459 mom yes rot yes
-            fix nve all nve
-            timestep 0.0005
-            thermo_style custom step pe ke press
-            thermo_modify format float %.17g
-            thermo 5
-            run 100
-            """, workdir, name=f"in.nve_edges_{edges}")
+        out = run_lmp(SMALL_BOX_NVE_DECK.format(
+            data=data, plugin=plugin, model=model64, style=f"ghosts map edges {edges}",
+            temperature=600, timestep=0.0005, last="press", digits="%.17g", every=5, steps=100),
+            workdir, name=f"in.nve_edges_{edges}")
         assert out.returncode == 0, out.stdout[-3000:]
         builds = int(next(ln for ln in out.stdout.splitlines()
                           if ln.startswith("Neighbor list builds")).split()[-1])
@@ -724,34 +732,12 @@ def test_nve_conserves_energy(plugin, workdir, model64):
     """200 steps of 0.25 fs in a small periodic box (8 waters, 6.2 Å: every ghost shell
     holds several images), small skin so that neighbour lists and ghosts are rebuilt."""
     data = water.write_lammps_data(workdir / "water8.data", water.water_box(8, seed=5))
-    out = run_lmp(f"""
-        units metal
-        atom_style atomic
-        read_data {data}
-        plugin load {plugin}
-        pair_style transip
-        pair_coeff * * {model64} O H
-        neighbor 0.3 bin
-        neigh_modify every 1 delay 0 check yes
-        velocity all create 300 4928459 mom yes rot yes
-        fix nve all nve
-        timestep 0.00025
-        thermo_style custom step pe ke etotal
-        thermo_modify format float %.12g
-        thermo 10
-        run 200
-        """, workdir, name="in.nve")
+    out = run_lmp(SMALL_BOX_NVE_DECK.format(
+        data=data, plugin=plugin, model=model64, style="", temperature=300, timestep=0.00025,
+        last="etotal", digits="%.12g", every=10, steps=200), workdir, name="in.nve")
     assert out.returncode == 0, out.stdout[-3000:]
     lines = out.stdout.splitlines()
-    head = next(i for i, ln in enumerate(lines) if ln.split()[:4] == ["Step", "PotEng",
-                                                                          "KinEng", "TotEng"])
-    rows = []
-    for ln in lines[head + 1:]:
-        parts = ln.split()
-        if len(parts) != 4 or not parts[0].isdigit():
-            break
-        rows.append([float(v) for v in parts])
-    data = np.array(rows)
+    data = thermo_rows(out.stdout, 4)
     assert data[-1, 0] == 200
     builds = int(next(ln for ln in lines if ln.startswith("Neighbor list builds")).split()[-1])
     etot, ke = data[:, 3], data[:, 2]

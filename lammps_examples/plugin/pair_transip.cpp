@@ -102,7 +102,7 @@ PairTransIP::PairTransIP(LAMMPS *lmp) :
     edges_request("auto"), device_edges(false),
     energy_unit(1.0), kcal_per_mol_per_ev(0.0), device(torch::kCPU),
     model_dtype(torch::kFloat64), model_cutoff(0.0), receptive_field(0.0), num_layers(0),
-    format_version(0), electron_warning_given(false), nlocal_rows(0), report_load(false),
+    format_version(0), electron_warning_given(false), nlocal_rows(0), max_owned_tag(0), report_load(false),
     cand_ncalls(-1), cand_nlocal(-1), cand_nghost(-1), ncandidates(0),
     halo_dtype(torch::kFloat64), border_ncalls(-1), border_nlocal(-1), border_nghost(-1)
 {

@@ -116,6 +116,7 @@ class PairTransIP : public Pair {
   std::vector<int64_t> edge_i_buf, edge_j_buf;
   std::vector<double> shift_buf;       // [edges, 3] image - owner (map mode)
   std::vector<int> tag_to_local;       // atom ID -> owned index (map mode)
+  tagint max_owned_tag;                // largest owned atom ID (size of tag_to_local - 1)
   torch::Tensor stage_int, stage_real; // CUDA: pinned host blocks the buffers above travel in
   std::vector<int> hops;               // graph distance (in edges) from owned atoms (shell)
   std::vector<int> frontier, next_frontier;
@@ -172,6 +173,8 @@ class PairTransIP : public Pair {
 
   // pair_transip_rows.cpp
   void build_rows();
+  void index_owned_tags();
+  int owner_of(int j) const;
   void mark_reachable();
   void report_model_load(int64_t nedges);
   struct ModelInputs {

@@ -56,12 +56,7 @@ void PairTransIP::build_candidates()
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
   const int *type = atom->type;
-  const tagint *tag = atom->tag;
-
-  tagint maxtag = 0;    // atom ID -> owned atom, for mapping periodic images to their owners
-  for (int i = 0; i < nlocal; ++i) maxtag = std::max(maxtag, tag[i]);
-  tag_to_local.assign(static_cast<size_t>(maxtag) + 1, -1);
-  for (int i = 0; i < nlocal; ++i) tag_to_local[tag[i]] = i;
+  index_owned_tags();
 
   atom_to_row.assign(nall, -1);
   row_to_atom.clear();
@@ -83,11 +78,7 @@ void PairTransIP::build_candidates()
     for (int jj = 0; jj < list->numneigh[i]; ++jj) {
       const int j = jlist[jj] & NEIGHMASK;
       if (type_to_z[type[j]] <= 0) continue;
-      const int owner = j < nlocal ? j : (tag[j] <= maxtag ? tag_to_local[tag[j]] : -1);
-      if (owner < 0)
-        error->one(FLERR, "pair_style transip: ghost atom ID {} has no owned atom on this rank",
-                   static_cast<bigint>(tag[j]));
-      const int row_j = atom_to_row[owner];
+      const int row_j = atom_to_row[owner_of(j)];
       if (row_j < 0) continue;
       ri.push_back(row_i);
       rj.push_back(row_j);

@@ -79,13 +79,35 @@ void PairTransIP::mark_reachable()
   }
 }
 
+// map mode: atom ID -> owned atom (tag_to_local), for mapping periodic images to their owners.
+void PairTransIP::index_owned_tags()
+{
+  const int nlocal = atom->nlocal;
+  const tagint *tag = atom->tag;
+  max_owned_tag = 0;
+  for (int i = 0; i < nlocal; ++i) max_owned_tag = std::max(max_owned_tag, tag[i]);
+  tag_to_local.assign(static_cast<size_t>(max_owned_tag) + 1, -1);
+  for (int i = 0; i < nlocal; ++i) tag_to_local[tag[i]] = i;
+}
+
+// The owned atom that atom j (owned or ghost) images; after index_owned_tags().
+int PairTransIP::owner_of(int j) const
+{
+  if (j < atom->nlocal) return j;
+  const tagint t = atom->tag[j];
+  const int owner = t <= max_owned_tag ? tag_to_local[t] : -1;
+  if (owner < 0)
+    error->one(FLERR, "pair_style transip: ghost atom ID {} has no owned atom on this rank",
+               static_cast<bigint>(t));
+  return owner;
+}
+
 void PairTransIP::build_rows()
 {
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
   double **x = atom->x;
   const int *type = atom->type;
-  const tagint *tag = atom->tag;
   const double cutsq_model = model_cutoff * model_cutoff;
   const bool shell = ghost_mode == GHOSTS_SHELL;
   const bool map = ghost_mode == GHOSTS_MAP;
@@ -94,12 +116,7 @@ void PairTransIP::build_rows()
   const int64_t nlayers = num_layers;
 
   if (pruning) mark_reachable();
-  tagint maxtag = 0;
-  if (map) {    // atom ID -> owned atom, for mapping periodic images to their owners
-    for (int i = 0; i < nlocal; ++i) maxtag = std::max(maxtag, tag[i]);
-    tag_to_local.assign(static_cast<size_t>(maxtag) + 1, -1);
-    for (int i = 0; i < nlocal; ++i) tag_to_local[tag[i]] = i;
-  }
+  if (map) index_owned_tags();
 
   atom_to_row.assign(nall, -1);
   row_to_atom.clear();
@@ -143,10 +160,7 @@ void PairTransIP::build_rows()
       if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
       int rj;
       if (map) {
-        const int owner = j < nlocal ? j : (tag[j] <= maxtag ? tag_to_local[tag[j]] : -1);
-        if (owner < 0)
-          error->one(FLERR, "pair_style transip: ghost atom ID {} has no owned atom on this rank",
-                     static_cast<bigint>(tag[j]));
+        const int owner = owner_of(j);
         rj = atom_to_row[owner];
         if (rj < 0) continue;
         shift_buf.push_back(x[j][0] - x[owner][0]);
