@@ -12,6 +12,16 @@ attention weight of a neighbour is multiplied by a smooth envelope that vanishes
 two derivatives at the cutoff, and the atom always attends to itself, so the energy and forces
 are continuous when atoms cross the cutoff and an isolated atom is well defined.
 
+With ``edge_filter`` (off by default; issue #17's accuracy study) each gathered neighbour
+token is first multiplied by (1 + F e_ij), a learned per-channel function of the edge features,
+so that a neighbour's element and its geometry enter its key and value jointly instead of as a
+sum (SchNet's continuous filter inside the attention). What comes from the paper and what is
+ours: atoms as tokens, a plain non-equivariant Transformer, energies invariant and forces by
+gradient, and learned equivariance through a rotation-conditioned network are the paper's; the
+local (cutoff) attention with edge features, the per-head distance bias, the envelope weights,
+the self token, the charge/spin embeddings and the edge filter are our choices (the paper uses
+rotary encodings of centred coordinates, which a cutoff model for domain decomposition cannot).
+
 Neighbours are held in a dense padded layout: ``nbr_index[N, K]`` with padding pointing at a
 dummy token N, ``nbr_vec[N, K, 3]`` with padding at a distance beyond the cutoff (envelope 0).
 """
