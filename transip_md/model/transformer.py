@@ -19,8 +19,10 @@ sum (SchNet's continuous filter inside the attention). What comes from the paper
 ours: atoms as tokens, a plain non-equivariant Transformer, energies invariant and forces by
 gradient, and learned equivariance through a rotation-conditioned network are the paper's; the
 local (cutoff) attention with edge features, the per-head distance bias, the envelope weights,
-the self token, the charge/spin embeddings and the edge filter are our choices (the paper uses
-rotary encodings of centred coordinates, which a cutoff model for domain decomposition cannot).
+the self token, the charge/spin embeddings and the edge filter are our choices. The paper
+attends over all atoms with rotary encodings of centred coordinates; here attention stays within
+the cutoff (the local contract LAMMPS' domain decomposition needs), and rotary encodings of
+relative positions inside it are a lever not tried yet.
 
 Neighbours are held in a dense padded layout: ``nbr_index[N, K]`` with padding pointing at a
 dummy token N, ``nbr_vec[N, K, 3]`` with padding at a distance beyond the cutoff (envelope 0).
