@@ -689,9 +689,10 @@ def test_old_file_without_electron_check_warns(plugin, workdir, water_data):
     assert "re-export it with python -m transip_md.export".lower() in w[0].lower()
 
 
-def test_null_type_with_hybrid_overlay(plugin, workdir, model64, scripted):
-    """Type 3 is NULL for transip (excluded from the model even within its cutoff); a
-    zero-strength lj/cut covers it for LAMMPS."""
+@pytest.mark.parametrize("edges", ["host", "device"])
+def test_null_type_with_hybrid_overlay(plugin, workdir, model64, scripted, edges):
+    """Type 3 is NULL for transip (excluded from the model even within its cutoff, by both
+    edge builders); a zero-strength lj/cut covers it for LAMMPS."""
     atoms = water.water_cluster(2, vacuum=30.0, seed=4)
     data = workdir / "null.data"
     water.write_lammps_data(data, atoms)
@@ -709,7 +710,7 @@ def test_null_type_with_hybrid_overlay(plugin, workdir, model64, scripted):
             atom_style atomic
             boundary f f f
             read_data {data}
-            pair_style hybrid/overlay transip lj/cut 3.0
+            pair_style hybrid/overlay transip edges {edges} lj/cut 3.0
             pair_coeff * * transip {model64} O H NULL
             pair_coeff * * lj/cut 0.0 1.0
             run 0
