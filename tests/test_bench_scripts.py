@@ -1,4 +1,4 @@
-"""CPU-checkable pieces of the GPU benchmark scripts (benchmarks/gpu_bench.py, openmm_gpu.py).
+"""CPU-checkable pieces of the GPU benchmark scripts (gpu_bench.py, openmm_gpu.py, equivariance_study.py).
 
 The benchmarks run once on a GPU machine with no chance to iterate there; what does not need a
 GPU is checked here: the static-shape energy + forces that the ``graph`` variant captures, the
@@ -139,3 +139,35 @@ def test_memory_profile_replays_the_heap(tmp_path):
         assert r["peak_bytes"] > forces_bytes and r["alive_at_peak"]
     assert (runs["fused-qkv"]["peak_bytes"] < runs["fused"]["peak_bytes"]
             < runs["reference"]["peak_bytes"])
+
+
+def test_study_variants_parse_name_and_group():
+    """equivariance_study.py's variants: specs parse to typed overrides, job names and table
+    cells carry the label, MACE runs once per size whatever the variants, and the best TransIP
+    against MACE is chosen over the variants too."""
+    import equivariance_study as study
+
+    assert study.parse_variant("base") == ("base", {})
+    label, over = study.parse_variant("w:edge_filter=true,width=128,lr=0.002")
+    assert label == "w" and over == {"edge_filter": True, "width": 128, "lr": 0.002}
+    assert isinstance(over["width"], int) and isinstance(over["lr"], float)
+    with pytest.raises(SystemExit, match="not key=value"):
+        study.parse_variant("w:width")
+
+    args = argparse.Namespace(seeds=[0], sizes=[1000], modes=["augment", "mace"],
+                              variants=["base", "w:width=128"])
+    jobs = study.job_list(args)
+    names = sorted(study.job_name(j) for j in jobs)
+    assert names == ["augment+w-n1000-s0", "augment-n1000-s0", "mace-n1000-s0"]
+
+    def row(mode, variant, mae):
+        return {"status": "done", "train_frames": 1000, "mode": mode, "variant": variant,
+                "seed": 0, "energy_mae_mev_per_atom": 1.0, "force_mae_mev_per_A": mae,
+                "eq_energy_mev_per_atom": 0.0, "eq_force_relative": 0.0, "steps": 1,
+                "train_seconds": 1.0, "train_atoms_per_s": 1.0, "stop_reason": "max_seconds"}
+
+    summary = study.summarise([row("augment", "base", 80.0), row("augment", "w", 60.0),
+                               row("mace", "base", 30.0)])
+    assert {t["mode"] for t in summary["table"]} == {"augment", "augment+w", "mace"}
+    best = summary["goals"]["best_transip_vs_mace"][0]
+    assert best["best_mode"] == "augment+w" and best["force_mae_ratio"] == pytest.approx(2.0)
