@@ -1,4 +1,5 @@
-"""CPU-checkable pieces of the GPU benchmark scripts (gpu_bench.py, openmm_gpu.py, equivariance_study.py).
+"""CPU-checkable pieces of the GPU benchmark scripts (gpu_bench.py, openmm_gpu.py,
+equivariance_study.py).
 
 The benchmarks run once on a GPU machine with no chance to iterate there; what does not need a
 GPU is checked here: the static-shape energy + forces that the ``graph`` variant captures, the
