@@ -1268,18 +1268,21 @@ def test_phase_report_once_per_run(plugin, workdir, water_data, model64, nprocs,
 
 
 def test_gpu_bench_lammps_rows_carry_phases(plugin, workdir, model64):
-    """benchmarks/gpu_bench.py's lammps part on the CPU: a real lmp run of its deck, the row holds
-    the timed run's steps/s, Pair time and the plugin's phases."""
+    """benchmarks/gpu_bench.py's lammps part on the CPU: a real lmp run of its deck per edge
+    builder, each row holds the timed run's steps/s, Pair time and the plugin's phases."""
     from types import SimpleNamespace
 
     gpu_bench = _gpu_bench()
     out = workdir / "gpu_bench_lammps"
     out.mkdir(exist_ok=True)
     args = SimpleNamespace(lmp=str(lmp_executable()), plugin=str(plugin), lammps_sizes=[96],
-                           lammps_steps=5, lammps_timeout=300, lammps_device="cpu")
-    (row,) = gpu_bench.bench_lammps(args, {"float32": model64}, out)["rows"]
-    assert "error" not in row, row.get("error")
-    assert (row["atoms"], row["steps"], row["device"]) == (96, 5, "cpu")
-    assert list(row["phases_ms"]) == PHASES["map"]
-    assert 0.0 < row["phases_ms"]["total"] <= row["pair_ms"] * 1.001 + 0.01
-    assert row["timesteps_per_s"] > 0
+                           lammps_steps=5, lammps_timeout=300, lammps_device="cpu",
+                           lammps_edges=["host", "device"])
+    rows = gpu_bench.bench_lammps(args, {"float32": model64}, out)["rows"]
+    assert [row.get("edges") for row in rows] == ["host", "device"]
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert (row["atoms"], row["steps"], row["device"]) == (96, 5, "cpu")
+        assert list(row["phases_ms"]) == PHASES["map"]
+        assert 0.0 < row["phases_ms"]["total"] <= row["pair_ms"] * 1.001 + 0.01
+        assert row["timesteps_per_s"] > 0
