@@ -1,5 +1,5 @@
 """CPU-checkable pieces of the GPU benchmark scripts (gpu_bench.py, openmm_gpu.py,
-equivariance_study.py).
+equivariance_study.py, demo_retrain_table.py).
 
 The benchmarks run once on a GPU machine with no chance to iterate there; what does not need a
 GPU is checked here: the static-shape energy + forces that the ``graph`` variant captures, the
@@ -172,3 +172,37 @@ def test_study_variants_parse_name_and_group():
     assert {t["mode"] for t in summary["table"]} == {"augment", "augment+w", "mace"}
     best = summary["goals"]["best_transip_vs_mace"][0]
     assert best["best_mode"] == "augment+w" and best["force_mae_ratio"] == pytest.approx(2.0)
+
+
+def test_demo_retrain_table_picks_the_best_validation_and_weights_the_clusters(tmp_path):
+    """benchmarks/demo_retrain_table.py: the selection row is the validation with the lowest
+    energy + force MAE (not the last one), the water-cluster MAE is frame-weighted, and a
+    candidate without results is reported, not dropped silently."""
+    import json
+    import subprocess
+
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    hist = [{"step": 100, "train_atoms_per_s": 10.0, "val_energy_mae_mev_per_atom": 5.0,
+             "val_force_mae_mev_per_A": 50.0},
+            {"step": 200, "train_atoms_per_s": 20.0, "val_energy_mae_mev_per_atom": 9.0,
+             "val_force_mae_mev_per_A": 49.0}]
+    (run / "history.json").write_text(json.dumps(hist))
+    src = {"g2": (10, 80.0), "ion": (2, 30.0), "water2": (1, 10.0), "water3": (3, 30.0)}
+    per = {k: {"frames": n, "force_mae_mev_per_A": f, "energy_mae_mev_per_atom": 1.0}
+           for k, (n, f) in src.items()}
+    (tmp_path / "eval_a_organics_test.json").write_text(json.dumps(
+        {"per_source": per, "force_mae_mev_per_A": 70.0, "energy_mae_mev_per_atom": 1.0}))
+    (tmp_path / "eval_a_water_test.json").write_text(json.dumps(
+        {"per_source": {}, "force_mae_mev_per_A": 40.0, "energy_mae_mev_per_atom": 2.0}))
+    out = tmp_path / "summary.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "demo_retrain_table.py"),
+                           str(tmp_path), "a", "missing", "--json", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("missing ")
+    (row,) = json.loads(out.read_text())["runs"]
+    assert row["val_force_mae_mev_per_A"] == 50.0 and row["steps"] == 200  # best = first (55 < 58)
+    t = row["test_force_mae_mev_per_A"]
+    assert t["water_clusters"] == pytest.approx((10.0 + 3 * 30.0) / 4)
+    assert (t["g2"], t["ion"], t["water_boxes"], t["organics_all"]) == (80.0, 30.0, 40.0, 70.0)

@@ -288,8 +288,14 @@ def test_export_cli_kernels(library, tmp_path, files):
 
     help_text = build_parser().format_help()
     assert "--kernels" in help_text and "transip_ops" in help_text
-    ckpt = ROOT / "transip_md" / "pretrained" / "transip-demo.ckpt.pt"
-    out = tmp_path / "demo-fused.pt"
+    # A training checkpoint of a plain model (the shipped demo has edge_filter, which the fused
+    # kernels refuse: tests/test_edge_filter.py).
+    from transip_md.checkpoint import save_checkpoint
+    from transip_md.model import named_config
+    ref = make_potential()
+    ckpt = tmp_path / "plain.ckpt.pt"
+    save_checkpoint(ckpt, ref, named_config("tiny"), training={"mode": "augment", "steps": 1})
+    out = tmp_path / "plain-fused.pt"
     proc = subprocess.run([sys.executable, "-m", "transip_md.export", str(ckpt), str(out),
                            "--kernels", "fused", "--dtype", "float64"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
