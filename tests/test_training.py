@@ -247,3 +247,30 @@ def test_time_budgeted_schedule_ends_annealed(frames, tmp_path):
     assert runs[True] < 0.1e-3, runs  # annealed to (nearly) the floor, 0.02e-3
     with pytest.raises(ValueError, match="schedule_by_time needs max_seconds"):
         TrainConfig(schedule_by_time=True)
+
+
+def test_yaml_numbers_without_a_dot_are_numbers_and_bad_types_are_named(tmp_path):
+    """PyYAML (YAML 1.1) reads `lr: 1e-3` as the string '1e-3'; the config loader gives numeric
+    fields the number, and refuses a non-number, a fractional count or a non-boolean flag naming
+    the section and key (through the CLI too). A 2026-12-02 GPU run lost three trainings to it."""
+    from transip_md.train.config import load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  size: tiny\n  rbf_width_factor: 2e0\n  equivariance_layers: [-1, 0]\n"
+                   "training:\n  lr: 1e-3\n  max_seconds: 3e2\n  epochs: 2\n")
+    model_cfg, train_cfg = load_config(str(cfg))
+    assert train_cfg.lr == 0.001 and isinstance(train_cfg.lr, float)
+    assert train_cfg.max_seconds == 300.0 and train_cfg.epochs == 2
+    assert model_cfg.rbf_width_factor == 2.0 and model_cfg.equivariance_layers == [-1, 0]
+    for text, words in (("training:\n  lr: fast\n", "training key lr: expected a number"),
+                        ("training:\n  epochs: 2.5\n", "training key epochs: expected a whole number"),
+                        ("training:\n  schedule_by_time: 1\n", "schedule_by_time: expected true or false"),
+                        ("model:\n  size: tiny\n  heads: true\n", "model key heads: expected a number")):
+        cfg.write_text(text)
+        with pytest.raises(ValueError, match=words):
+            load_config(str(cfg))
+    cfg.write_text("training:\n  lr: fast\n")
+    out = subprocess.run([sys.executable, "-m", "transip_md.train", "--config", str(cfg),
+                          "--train", "x", "--val", "y", "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "training key lr: expected a number, got 'fast'" in out.stderr

@@ -7,7 +7,7 @@
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union, get_args, get_origin
 
 import yaml
 
@@ -80,12 +80,46 @@ class TrainConfig:
         return asdict(self)
 
 
+def _typed(data: Dict[str, Any], cls, what: str) -> Dict[str, Any]:
+    """``data`` with YAML's near-misses fixed or refused by the field types of ``cls``.
+
+    PyYAML follows YAML 1.1, where ``1e-3`` (no dot in the mantissa) is a *string*; a config
+    saying ``lr: 1e-3`` then failed deep inside the optimiser (seen 2026-12-02). A numeric field
+    given a string that reads as a number gets the number; any other string, or a bool where a
+    number belongs (or the reverse), is an error naming the section and the key."""
+    out = dict(data)
+    for f in fields(cls):
+        if f.name not in out or out[f.name] is None:
+            continue
+        origin = get_origin(f.type)
+        if origin is not None and origin is not Union:
+            continue  # a list or dict field: left to the dataclass
+        allowed = set(get_args(f.type)) if origin is Union else {f.type}
+        value = out[f.name]
+        numeric = allowed & {int, float}
+        if numeric and not isinstance(value, bool) and isinstance(value, (str, int, float)):
+            try:
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"{what} key {f.name}: expected a number, got '{value}'") from None
+            if float in numeric:
+                out[f.name] = number
+            elif number.is_integer():
+                out[f.name] = int(number)
+            else:
+                raise ValueError(f"{what} key {f.name}: expected a whole number, got {value}")
+        elif numeric or (bool in allowed and not isinstance(value, bool)):
+            kind = "a number" if numeric else "true or false"
+            raise ValueError(f"{what} key {f.name}: expected {kind}, got {value!r}")
+    return out
+
+
 def _from_dict(cls, data: Dict[str, Any], what: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown {what} keys: {', '.join(unknown)}")
-    return cls(**data)
+    return cls(**_typed(data, cls, what))
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -110,6 +144,9 @@ def load_config(name_or_path: str) -> Tuple[ModelConfig, TrainConfig]:
         raise ValueError(f"{path}: unknown sections {', '.join(unknown)} (use model, training)")
     model_raw = dict(raw.get("model") or {})
     size = model_raw.pop("size", None)
+    known = {f.name for f in fields(ModelConfig)}
+    model_raw = _typed({k: v for k, v in model_raw.items() if k in known}, ModelConfig, "model") | {
+        k: v for k, v in model_raw.items() if k not in known}  # unknown keys: from_dict names them
     if size is not None:
         base = named_config(size).to_dict()
         base.update(model_raw)
