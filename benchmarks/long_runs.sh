@@ -115,7 +115,11 @@ run_table() {
         done
         [[ -n $list ]] && echo "--partners$list"
     }
-    echo "soak-openmm-graphs-1536|$PY $SOAK --engine openmm --platform $GPU --cuda-graphs --steps $S1 --model $M/transip-demo-float32-qkv.pt $(partners_of soak-openmm-graphs-1536)"
+    # A model the fused operators do not cover (edge_filter: the demo since 2026-12-02) has no
+    # qkv export (the exporter refuses it, see launch): its reference float32 export instead.
+    local soak_model=$M/transip-demo-float32-qkv.pt
+    [[ -f $soak_model ]] || soak_model=$M/transip-demo-float32.pt
+    echo "soak-openmm-graphs-1536|$PY $SOAK --engine openmm --platform $GPU --cuda-graphs --steps $S1 --model $soak_model $(partners_of soak-openmm-graphs-1536)"
     # LAMMPS: 5,000-step blocks and a 500-step warm-up (Nose-Hoover settles in ~5 x 0.05 ps): at
     # ~43 steps/s alone (less beside 11 other runs) 10,000-step blocks would give 1-3 blocks in the
     # budget, too few to judge flatness
@@ -175,6 +179,10 @@ launch() {
     done
     wait
     for step in plugin_build export_float32 export_float64 export_float32-qkv; do
+        if [[ $step == export_float32-qkv ]] && grep -q "edge_filter: true" "$D/logs/$step.log" 2>/dev/null; then
+            echo "note: no fused-qkv export (the model has edge_filter, which the fused operators do not cover); the OpenMM soak runs the reference float32 export"
+            continue
+        fi
         [[ $(cat "$D/rc/$step") == 0 ]] || { echo "error: $step failed:"; tail -15 "$D/logs/$step.log"; }
     done
     tail -1 "$D/logs/plugin_build.log"
