@@ -12,7 +12,8 @@ MAX_MULTIPLICITY = 11
 
 
 #: Options added later, with the default that reproduces the earlier architecture.
-LATER_OPTION_DEFAULTS: Dict[str, Any] = {"rbf_width_factor": 1.0, "edge_filter": False}
+LATER_OPTION_DEFAULTS: Dict[str, Any] = {"rbf_width_factor": 1.0, "edge_filter": False,
+                                         "rotary_keys": False}
 
 
 @dataclass
@@ -39,6 +40,13 @@ class ModelConfig:
     # fused operators (--kernels fused / fused-qkv) do not cover it: such models export with
     # --kernels reference.
     edge_filter: bool = False
+    # Rotary encoding of the relative position inside the local attention (an architecture lever
+    # of the accuracy study; the paper uses rotary encodings of centred coordinates over all
+    # atoms): the token part of each logit becomes q_i . R(r_ij) k_ij, R rotating the head's
+    # D / 2 channel pairs by angles omega_p (r_ij)_{axis p} (axes x, y, z in turn; wavelengths
+    # from 2 x cutoff down to 1 Å). Keys are then formed per edge (D must be even). Reference
+    # kernels only, like edge_filter.
+    rotary_keys: bool = False
     # Layers whose outputs the equivariance network learns to rotate (negative = from the end).
     equivariance_layers: List[int] = field(default_factory=lambda: [-1])
     equivariance_hidden: int = 256
@@ -50,6 +58,8 @@ class ModelConfig:
             raise ValueError(f"cutoff must be positive, got {self.cutoff} Å")
         if self.layers < 1:
             raise ValueError(f"layers must be >= 1, got {self.layers}")
+        if self.rotary_keys and (self.width // self.heads) % 2:
+            raise ValueError(f"rotary_keys needs an even head width, got {self.width // self.heads}")
         if self.rbf_width_factor <= 0:
             raise ValueError(f"rbf_width_factor must be positive, got {self.rbf_width_factor}")
 

@@ -183,6 +183,11 @@ def use_fused_attention(model: nn.Module, form: str = "folded") -> nn.Module:
         raise ValueError("this model's attention layers filter neighbour tokens by their edges "
                          "(model config edge_filter: true), which the fused operators do not "
                          "cover; export it with --kernels reference")
+    rotary = [m for m in model.modules() if type(m) is AttentionLayer and m.rotary_keys]
+    if rotary:
+        raise ValueError("this model's attention layers rotate keys by the relative positions "
+                         "(model config rotary_keys: true), which the fused operators do not "
+                         "cover; export it with --kernels reference")
     load_operator_library()
     for module in model.modules():
         if type(module) is AttentionLayer:

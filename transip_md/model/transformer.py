@@ -21,8 +21,9 @@ gradient, and learned equivariance through a rotation-conditioned network are th
 local (cutoff) attention with edge features, the per-head distance bias, the envelope weights,
 the self token, the charge/spin embeddings and the edge filter are our choices. The paper
 attends over all atoms with rotary encodings of centred coordinates; here attention stays within
-the cutoff (the local contract LAMMPS' domain decomposition needs), and rotary encodings of
-relative positions inside it are a lever not tried yet.
+the cutoff (the local contract LAMMPS' domain decomposition needs); ``rotary_keys`` (off by
+default) adds rotary encodings of the relative positions r_ij inside it, our local form of the
+paper's encoding (the edge tensor then carries r_ij in its last 3 channels for the layers).
 
 Neighbours are held in a dense padded layout: ``nbr_index[N, K]`` with padding pointing at a
 dummy token N, ``nbr_vec[N, K, 3]`` with padding at a distance beyond the cutoff (envelope 0).
@@ -77,6 +78,18 @@ class EdgeEncoder(nn.Module):
         return self.mlp(torch.cat([rbf, vec / self.cutoff], dim=-1))
 
 
+def rotary_frequencies(cfg: ModelConfig) -> Tuple[Tensor, Tensor]:
+    """(omega [D/2] in rad/Å, axis [D/2]) of ``rotary_keys``: channel pair p of every head turns
+    with the component ``axis[p]`` (x, y, z in turn) of r_ij, wavelengths geometric from twice
+    the cutoff (smooth over the neighbourhood) down to 1 Å (a bond length)."""
+    pairs = cfg.width // cfg.heads // 2
+    longest, shortest = 2.0 * cfg.cutoff, 1.0
+    ratio = torch.arange(pairs, dtype=torch.float64) / max(pairs - 1, 1)
+    wavelength = longest * (shortest / longest) ** ratio
+    omega = (2.0 * math.pi / wavelength).to(torch.get_default_dtype())
+    return omega, torch.arange(pairs) % 3
+
+
 class AttentionLayer(nn.Module):
     """One pre-LN Transformer block with envelope-weighted neighbour attention.
 
@@ -107,6 +120,11 @@ class AttentionLayer(nn.Module):
             nn.init.zeros_(self.filter.bias)
         else:  # no parameters: state dicts of plain layers stay as they were
             self.filter = nn.Identity()
+        self.rotary_keys = bool(cfg.rotary_keys)
+        omega, axis = rotary_frequencies(cfg) if self.rotary_keys else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        # not persistent: a function of the config, so state dicts stay as they were
+        self.register_buffer("rotary_omega", omega, persistent=False)
+        self.register_buffer("rotary_axis", axis, persistent=False)
         self.out = nn.Linear(cfg.width, cfg.width)
         self.norm_ffn = nn.LayerNorm(cfg.width)
         self.ffn = nn.Sequential(
@@ -122,6 +140,8 @@ class AttentionLayer(nn.Module):
         ``envelope`` [R, K] belong to those slots. With R < M the extra rows of ``h`` are
         neighbours only (ghost atoms of an engine's domain decomposition).
         """
+        vec = edge[..., self.edge_width:]  # r_ij [R, K, 3] with rotary_keys, else empty
+        edge = edge[..., :self.edge_width]
         x, gather_index, q_tok, q_edge, bias, logit_self, v_self = self._queries(h, nbr_index, edge)
         n_rows, n_slots = gather_index.shape[0], gather_index.shape[1]
         # index_select, not x[nbr_index]: advanced-indexing backward serialises over repeated
@@ -129,9 +149,11 @@ class AttentionLayer(nn.Module):
         x_nbr = x.index_select(0, gather_index.reshape(-1)).view(n_rows, n_slots, self.width)
         if self.edge_filter:  # the neighbour's token filtered by its geometry (config.py)
             x_nbr = x_nbr * (1.0 + self.filter(edge))
-        logit_nbr = (
-            torch.bmm(x_nbr, q_tok.transpose(1, 2)) + torch.bmm(edge, q_edge.transpose(1, 2)) + bias
-        )  # [R, K, H]
+        if self.rotary_keys:  # q_tok is q [R, H, D]: token keys per edge, rotated by r_ij
+            logit_tok = self._rotary_logits(q_tok, x_nbr, vec)
+        else:
+            logit_tok = torch.bmm(x_nbr, q_tok.transpose(1, 2))
+        logit_nbr = logit_tok + torch.bmm(edge, q_edge.transpose(1, 2)) + bias  # [R, K, H]
 
         valid = (envelope > 0.0).unsqueeze(-1)
         # Max-subtraction for numerical safety; it cancels exactly in the ratio below.
@@ -147,6 +169,20 @@ class AttentionLayer(nn.Module):
         mixed = self._values(torch.bmm(w_t, x_nbr), torch.bmm(w_t, edge), w_nbr.sum(1), w_self,
                              v_self)
         return self._finish(h, mixed / denom.unsqueeze(-1))
+
+    def _rotary_logits(self, q: Tensor, x_nbr: Tensor, vec: Tensor) -> Tensor:
+        """Token part of the logits [R, K, H] with rotary keys: q_i,h . R(r_ij) k_ij,h, k_ij =
+        Wk x_ij + bk (x_ij the gathered, maybe filtered, token), R rotating channel pairs
+        (2p, 2p + 1) of each head by omega_p (r_ij)_{axis p}."""
+        n_rows, n_slots = x_nbr.shape[0], x_nbr.shape[1]
+        W, H, D = self.width, self.heads, self.head_dim
+        k = nn.functional.linear(x_nbr, self.qkv.weight[W:2 * W], self.qkv.bias[W:2 * W])
+        k = k.view(n_rows, n_slots, H, D // 2, 2)
+        angle = (vec.index_select(-1, self.rotary_axis) * self.rotary_omega).unsqueeze(2)
+        cos, sin = torch.cos(angle), torch.sin(angle)  # [R, K, 1, D / 2]
+        k_a, k_b = k[..., 0], k[..., 1]
+        q2 = q.view(n_rows, 1, H, D // 2, 2)
+        return ((k_a * cos - k_b * sin) * q2[..., 0] + (k_a * sin + k_b * cos) * q2[..., 1]).sum(-1)
 
     # The parts before and after the attention weights, shared with the fused layer
     # (fused_attention.py), which replaces only the block between them by one operator.
@@ -185,6 +221,9 @@ class AttentionLayer(nn.Module):
         q_fold = torch.bmm(q.transpose(0, 1), w_fold).transpose(0, 1)  # [R, H, W + E]
         q_tok, q_edge = q_fold.split([W, E], dim=2)
         q_bias = (q * (b_k + b_ek).view(H, D)).sum(-1)  # [R, H]
+        if self.rotary_keys:  # token keys are formed (and rotated) per edge, bk with them
+            q_tok = q
+            q_bias = (q * b_ek.view(H, D)).sum(-1)
         bias = nn.functional.linear(edge, w_eb, b_eb) + q_bias.unsqueeze(1)  # [R, K, H]
         logit_self = (q * (k_self + s_k).view(n_rows, H, D)).sum(-1)  # [R, H]
         v_self = (v_self + s_v).view(n_rows, H, D)
@@ -226,6 +265,7 @@ class TransIPNetwork(nn.Module):
         self.charge_embedding = nn.Embedding(2 * MAX_ABS_CHARGE + 1, cfg.width)
         self.spin_embedding = nn.Embedding(MAX_MULTIPLICITY, cfg.width)
         self.edge_encoder = EdgeEncoder(cfg)
+        self.rotary_keys = bool(cfg.rotary_keys)
         self.layers = nn.ModuleList([AttentionLayer(cfg) for _ in range(cfg.layers)])
         self.readout = nn.Sequential(
             nn.LayerNorm(cfg.width),
@@ -249,7 +289,10 @@ class TransIPNetwork(nn.Module):
         """Edge features [R, K, E] and cutoff envelope [R, K] of displacement vectors [R, K, 3]."""
         distance = torch.linalg.norm(nbr_vec, dim=-1)
         envelope = polynomial_envelope(distance, self.cutoff, self.envelope_exponent)
-        return self.edge_encoder(nbr_vec, distance), envelope
+        edge = self.edge_encoder(nbr_vec, distance)
+        if self.rotary_keys:  # the layers' rotary encoding reads r_ij from the last 3 channels
+            edge = torch.cat([edge, nbr_vec.to(edge.dtype)], dim=-1)
+        return edge, envelope
 
     def run_layer(
         self, index: int, h: Tensor, nbr_index: Tensor, edge: Tensor, envelope: Tensor
