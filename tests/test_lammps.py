@@ -874,6 +874,28 @@ def test_mpi_halo_triclinic(plugin, workdir, triclinic_data, model64, scripted):
     assert_matches_model(f4, e4, scripted, (True, True, True), "triclinic np4 halo")
 
 
+def test_mpi_halo_with_a_rotary_keys_model(plugin, workdir, water_data):
+    """A model whose edge tensor carries r_ij for its layers (rotary_keys, issue #17's lever):
+    the plugin hands the halo edges back unchanged, so 2 halo ranks give the serial answer and
+    the model's own."""
+    import dataclasses
+
+    from transip_md.export import export_potential
+    from transip_md.model import TransIPPotential, named_config
+
+    torch.manual_seed(5)
+    model = TransIPPotential(dataclasses.replace(named_config("tiny"), rotary_keys=True)).double()
+    model.supported_elements[[1, 8]] = True
+    path = workdir / "rotary64.pt"
+    export_potential(model, path, dtype="float64")
+    scripted_rot = torch.jit.load(str(path))
+    f1, e1, p1, _ = run_forces(plugin, workdir, water_data, path, 1, tag="rot")
+    f2, e2, p2, out2 = run_forces(plugin, workdir, water_data, path, 2, tag="rot")
+    assert _mode_of(out2) == "halo"
+    assert_same_run(f2, e2, p2, f1, e1, p1, "rotary np2 halo vs np1 map")
+    assert_matches_model(f2, e2, scripted_rot, (True, True, True), "rotary np2 halo")
+
+
 def test_mpi_empty_subdomains_and_sparse_ids(plugin, workdir, cluster_data, model64,
                                              scripted):
     """4 waters in one corner of a 40 Å non-periodic box on 4 ranks: some ranks own no atom
