@@ -4,17 +4,15 @@ export rule (reference yes, fused operators refused with a clear error)."""
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from ase.build import molecule
 
-from conftest import ELEMENTS, system_tensors
-from transip_md.checkpoint import save_checkpoint
+from conftest import (ELEMENTS, assert_conservative_and_translation_invariant,
+                      assert_reference_export_only, energy,
+                      system_tensors)
 from transip_md.model import TransIPPotential, named_config
 from transip_md.model.config import ModelConfig
-
-ZERO, ONE = torch.tensor(0), torch.tensor(1)
 
 
 def filtered_potential(seed=0, scale_filter=0.5):
@@ -28,10 +26,6 @@ def filtered_potential(seed=0, scale_filter=0.5):
             layer.filter.weight.normal_(0.0, scale_filter)
             layer.filter.bias.normal_(0.0, scale_filter)
     return pot.eval(), cfg
-
-
-def energy(pot, pos, z, cell, pbc):
-    return float(pot.compute(pos, z, cell, pbc, ZERO, ONE, False, False)["energy"])
 
 
 def test_config_option_is_absent_at_its_default():
@@ -65,41 +59,9 @@ def test_zero_filter_is_the_plain_layer_and_a_trained_one_is_not():
 
 def test_filtered_forces_are_minus_energy_gradient_and_translation_invariant():
     pot, _ = filtered_potential()
-    atoms = molecule("CH3CH2OH")
-    pos, z, cell, pbc = system_tensors(atoms)
-    forces = pot.compute(pos, z, cell, pbc, ZERO, ONE, True, False)["forces"]
-    h = 1e-5
-    fd = torch.zeros_like(pos)
-    for i in range(len(atoms)):
-        for a in range(3):
-            p, m = pos.clone(), pos.clone()
-            p[i, a] += h
-            m[i, a] -= h
-            fd[i, a] = -(energy(pot, p, z, cell, pbc) - energy(pot, m, z, cell, pbc)) / (2 * h)
-    assert forces.abs().max() > 1e-2
-    np.testing.assert_allclose(forces.numpy(), fd.numpy(), atol=1e-7, rtol=1e-6)
-    shifted = energy(pot, pos + torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64), z, cell, pbc)
-    assert shifted == pytest.approx(energy(pot, pos, z, cell, pbc), rel=1e-12)
+    assert_conservative_and_translation_invariant(pot, molecule("CH3CH2OH"))
 
 
 def test_export_reference_matches_and_fused_kernels_are_refused(tmp_path):
-    from transip_md.export import export_checkpoint, load_exported
-    from transip_md.export import ModelFileError
-
     pot, cfg = filtered_potential()
-    ckpt = tmp_path / "filtered.ckpt.pt"
-    save_checkpoint(ckpt, pot, cfg, training={"mode": "augment", "steps": 1})
-    out = tmp_path / "filtered.pt"
-    export_checkpoint(ckpt, out, dtype="float64")  # the export's own check: file = eager
-    model = load_exported(out)
-    atoms = molecule("CH3CH2OH")
-    pos, z, cell, pbc = system_tensors(atoms)
-    ref = pot.compute(pos, z, cell, pbc, ZERO, ONE, True, False)
-    got = model.compute(pos, z, cell, pbc, ZERO, ONE, True, False)
-    assert float(got["energy"]) == pytest.approx(float(ref["energy"]), rel=1e-12)
-    np.testing.assert_allclose(got["forces"].numpy(), ref["forces"].numpy(), atol=1e-12)
-    for kernels in ("fused", "fused-qkv"):
-        target = tmp_path / f"filtered-{kernels}.pt"
-        with pytest.raises(ModelFileError, match=r"edge_filter: true.*--kernels reference"):
-            export_checkpoint(ckpt, target, dtype="float32", kernels=kernels)
-        assert not target.exists()
+    assert_reference_export_only(pot, cfg, tmp_path, molecule("CH3CH2OH"), "edge_filter")

@@ -5,27 +5,9 @@ import pytest
 import torch
 from ase.build import molecule
 
-from conftest import make_potential, system_tensors
+from conftest import ONE, ZERO, central_difference_forces, energy, system_tensors
 from transip_md.model.neighbors import neighbor_pairs
 from transip_md.systems import water_box
-
-ZERO, ONE = torch.tensor(0), torch.tensor(1)
-
-
-def energy(pot, pos, z, cell, pbc, charge=ZERO, spin=ONE):
-    return float(pot.compute(pos, z, cell, pbc, charge, spin, False, False)["energy"])
-
-
-def central_difference_forces(pot, pos, z, cell, pbc, atoms, h=1e-5):
-    out = torch.zeros((pos.shape[0], 3), dtype=torch.float64)
-    for i in atoms:
-        for a in range(3):
-            p, m = pos.clone(), pos.clone()
-            p[i, a] += h
-            m[i, a] -= h
-            out[i, a] = -(energy(pot, p, z, cell, pbc) - energy(pot, m, z, cell, pbc)) / (2 * h)
-    return out
-
 
 def test_forces_are_minus_energy_gradient(potential64):
     atoms = molecule("CH3CH2OH")

@@ -10,13 +10,11 @@ import pytest
 import torch
 from ase.build import molecule
 
-from conftest import ELEMENTS, system_tensors
-from transip_md.checkpoint import save_checkpoint
+from conftest import (ELEMENTS, ONE, ZERO, assert_conservative_and_translation_invariant,
+                      assert_reference_export_only, energy, system_tensors)
 from transip_md.model import TransIPPotential, named_config
 from transip_md.model.config import ModelConfig
 from transip_md.systems import water_box
-
-ZERO, ONE = torch.tensor(0), torch.tensor(1)
 
 
 def rotary_potential(seed=0, rotary=True):
@@ -26,10 +24,6 @@ def rotary_potential(seed=0, rotary=True):
     pot.supported_elements[list(ELEMENTS)] = True
     pot.network.energy_scale.fill_(3.0)
     return pot.eval(), cfg
-
-
-def energy(pot, pos, z, cell, pbc):
-    return float(pot.compute(pos, z, cell, pbc, ZERO, ONE, False, False)["energy"])
 
 
 def test_config_option_is_absent_at_its_default_and_needs_even_heads():
@@ -60,21 +54,9 @@ def test_rotary_changes_the_function_and_depends_on_the_relative_position_only()
     assert abs(energy(rot, pos @ rz.T, z, cell, pbc) - e_rot) > 1e-6
 
 
-def test_rotary_forces_are_minus_energy_gradient():
+def test_rotary_forces_are_minus_energy_gradient_and_translation_invariant():
     pot, _ = rotary_potential()
-    atoms = molecule("CH3CH2OH")
-    pos, z, cell, pbc = system_tensors(atoms)
-    forces = pot.compute(pos, z, cell, pbc, ZERO, ONE, True, False)["forces"]
-    h = 1e-5
-    fd = torch.zeros_like(pos)
-    for i in range(len(atoms)):
-        for a in range(3):
-            p, m = pos.clone(), pos.clone()
-            p[i, a] += h
-            m[i, a] -= h
-            fd[i, a] = -(energy(pot, p, z, cell, pbc) - energy(pot, m, z, cell, pbc)) / (2 * h)
-    assert forces.abs().max() > 1e-2
-    np.testing.assert_allclose(forces.numpy(), fd.numpy(), atol=1e-7, rtol=1e-6)
+    assert_conservative_and_translation_invariant(pot, molecule("CH3CH2OH"))
 
 
 def test_periodic_low_memory_and_halo_paths_give_the_same_answer():
@@ -109,22 +91,5 @@ def test_periodic_low_memory_and_halo_paths_give_the_same_answer():
 
 
 def test_export_reference_matches_and_fused_kernels_are_refused(tmp_path):
-    from transip_md.export import ModelFileError, export_checkpoint, load_exported
-
     pot, cfg = rotary_potential()
-    ckpt = tmp_path / "rotary.ckpt.pt"
-    save_checkpoint(ckpt, pot, cfg, training={"mode": "augment", "steps": 1})
-    out = tmp_path / "rotary.pt"
-    export_checkpoint(ckpt, out, dtype="float64")  # the export's own check: file = eager
-    model = load_exported(out)
-    atoms = water_box(8, seed=2)
-    pos, z, cell, pbc = system_tensors(atoms)
-    ref = pot.compute(pos, z, cell, pbc, ZERO, ONE, True, False)
-    got = model.compute(pos, z, cell, pbc, ZERO, ONE, True, False)
-    assert float(got["energy"]) == pytest.approx(float(ref["energy"]), rel=1e-12)
-    np.testing.assert_allclose(got["forces"].numpy(), ref["forces"].numpy(), atol=1e-12)
-    for kernels in ("fused", "fused-qkv"):
-        target = tmp_path / f"rotary-{kernels}.pt"
-        with pytest.raises(ModelFileError, match=r"rotary_keys: true.*--kernels reference"):
-            export_checkpoint(ckpt, target, dtype="float32", kernels=kernels)
-        assert not target.exists()
+    assert_reference_export_only(pot, cfg, tmp_path, water_box(8, seed=2), "rotary_keys")
