@@ -78,16 +78,17 @@ class EdgeEncoder(nn.Module):
         return self.mlp(torch.cat([rbf, vec / self.cutoff], dim=-1))
 
 
-def rotary_frequencies(cfg: ModelConfig) -> Tuple[Tensor, Tensor]:
-    """(omega [D/2] in rad/Å, axis [D/2]) of ``rotary_keys``: channel pair p of every head turns
-    with the component ``axis[p]`` (x, y, z in turn) of r_ij, wavelengths geometric from twice
-    the cutoff (smooth over the neighbourhood) down to 1 Å (a bond length)."""
-    pairs = cfg.width // cfg.heads // 2
-    longest, shortest = 2.0 * cfg.cutoff, 1.0
-    ratio = torch.arange(pairs, dtype=torch.float64) / max(pairs - 1, 1)
-    wavelength = longest * (shortest / longest) ** ratio
-    omega = (2.0 * math.pi / wavelength).to(torch.get_default_dtype())
-    return omega, torch.arange(pairs) % 3
+def rotary_frequencies(pairs: int, cutoff: float, dtype: torch.dtype,
+                       device: torch.device) -> Tuple[Tensor, Tensor]:
+    """(omega [pairs] in rad/Å, axis [pairs]) of ``rotary_keys``: channel pair p of every head
+    turns with the component ``axis[p]`` (x, y, z in turn) of r_ij, wavelengths geometric from
+    twice the cutoff (smooth over the neighbourhood) down to 1 Å (a bond length). Computed where
+    used, not stored: buffers would add tensor records to every exported file, rotary or not."""
+    longest = 2.0 * cutoff
+    ratio = torch.arange(pairs, dtype=torch.float64, device=device) / float(max(pairs - 1, 1))
+    wavelength = longest * torch.pow(torch.full_like(ratio, 1.0 / longest), ratio)
+    omega = (2.0 * math.pi / wavelength).to(dtype)
+    return omega, torch.arange(pairs, device=device) % 3
 
 
 class AttentionLayer(nn.Module):
@@ -121,10 +122,7 @@ class AttentionLayer(nn.Module):
         else:  # no parameters: state dicts of plain layers stay as they were
             self.filter = nn.Identity()
         self.rotary_keys = bool(cfg.rotary_keys)
-        omega, axis = rotary_frequencies(cfg) if self.rotary_keys else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
-        # not persistent: a function of the config, so state dicts stay as they were
-        self.register_buffer("rotary_omega", omega, persistent=False)
-        self.register_buffer("rotary_axis", axis, persistent=False)
+        self.cutoff = float(cfg.cutoff)  # the rotary wavelengths' scale
         self.out = nn.Linear(cfg.width, cfg.width)
         self.norm_ffn = nn.LayerNorm(cfg.width)
         self.ffn = nn.Sequential(
@@ -178,7 +176,8 @@ class AttentionLayer(nn.Module):
         W, H, D = self.width, self.heads, self.head_dim
         k = nn.functional.linear(x_nbr, self.qkv.weight[W:2 * W], self.qkv.bias[W:2 * W])
         k = k.view(n_rows, n_slots, H, D // 2, 2)
-        angle = (vec.index_select(-1, self.rotary_axis) * self.rotary_omega).unsqueeze(2)
+        omega, axis = rotary_frequencies(D // 2, self.cutoff, vec.dtype, vec.device)
+        angle = (vec.index_select(-1, axis) * omega).unsqueeze(2)
         cos, sin = torch.cos(angle), torch.sin(angle)  # [R, K, 1, D / 2]
         k_a, k_b = k[..., 0], k[..., 1]
         q2 = q.view(n_rows, 1, H, D // 2, 2)
