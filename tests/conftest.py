@@ -4,6 +4,8 @@ Random weights are fine for the physics checks (forces = -dE/dx, invariances, en
 hold for any weights); tests that need a *trained* model use the shipped default model.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -16,9 +18,11 @@ from transip_md.model import TransIPPotential, named_config
 ELEMENTS = (1, 6, 7, 8)
 
 
-def make_potential(size: str = "tiny", dtype=torch.float64, seed: int = 0) -> TransIPPotential:
+def make_potential(size: str = "tiny", dtype=torch.float64, seed: int = 0,
+                   **options) -> TransIPPotential:
+    """A random ``size`` model; ``options`` override ModelConfig fields (e.g. edge_filter=True)."""
     torch.manual_seed(seed)
-    potential = TransIPPotential(named_config(size)).to(dtype)
+    potential = TransIPPotential(dataclasses.replace(named_config(size), **options)).to(dtype)
     potential.supported_elements[list(ELEMENTS)] = True
     # Random weights give tiny energies; a larger scale makes forces O(1) eV/Å like real ones.
     potential.network.energy_scale.fill_(3.0)

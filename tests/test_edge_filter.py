@@ -8,19 +8,15 @@ import pytest
 import torch
 from ase.build import molecule
 
-from conftest import (ELEMENTS, assert_conservative_and_translation_invariant,
-                      assert_reference_export_only, energy,
-                      system_tensors)
+from conftest import (assert_conservative_and_translation_invariant,
+                      assert_reference_export_only, energy, make_potential, system_tensors)
 from transip_md.model import TransIPPotential, named_config
 from transip_md.model.config import ModelConfig
 
 
 def filtered_potential(seed=0, scale_filter=0.5):
     cfg = dataclasses.replace(named_config("tiny"), edge_filter=True)
-    torch.manual_seed(seed)
-    pot = TransIPPotential(cfg).to(torch.float64)
-    pot.supported_elements[list(ELEMENTS)] = True
-    pot.network.energy_scale.fill_(3.0)
+    pot = make_potential(seed=seed, edge_filter=True)
     with torch.no_grad():  # the filter starts at zero; give it weight so that it acts
         for layer in pot.network.layers:
             layer.filter.weight.normal_(0.0, scale_filter)

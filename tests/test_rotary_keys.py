@@ -10,20 +10,17 @@ import pytest
 import torch
 from ase.build import molecule
 
-from conftest import (ELEMENTS, ONE, ZERO, assert_conservative_and_translation_invariant,
-                      assert_reference_export_only, energy, system_tensors)
-from transip_md.model import TransIPPotential, named_config
+from conftest import (ONE, ZERO, assert_conservative_and_translation_invariant,
+                      assert_reference_export_only, energy, make_potential,
+                      system_tensors)
+from transip_md.model import named_config
 from transip_md.model.config import ModelConfig
 from transip_md.systems import water_box
 
 
 def rotary_potential(seed=0, rotary=True):
-    cfg = dataclasses.replace(named_config("tiny"), rotary_keys=rotary)
-    torch.manual_seed(seed)
-    pot = TransIPPotential(cfg).to(torch.float64)
-    pot.supported_elements[list(ELEMENTS)] = True
-    pot.network.energy_scale.fill_(3.0)
-    return pot.eval(), cfg
+    pot = make_potential(seed=seed, rotary_keys=rotary)
+    return pot, dataclasses.replace(named_config("tiny"), rotary_keys=rotary)
 
 
 def test_config_option_is_absent_at_its_default_and_needs_even_heads():

@@ -138,8 +138,11 @@ class AttentionLayer(nn.Module):
         ``envelope`` [R, K] belong to those slots. With R < M the extra rows of ``h`` are
         neighbours only (ghost atoms of an engine's domain decomposition).
         """
-        vec = edge[..., self.edge_width:]  # r_ij [R, K, 3] with rotary_keys, else empty
-        edge = edge[..., :self.edge_width]
+        vec = edge  # read only with rotary_keys
+        if self.rotary_keys:  # r_ij rides in the last 3 channels (edge_features); sliced only
+            # here: a slice's backward writes a full-size gradient, in every layer of every model
+            vec = edge[..., self.edge_width:]
+            edge = edge[..., :self.edge_width]
         x, gather_index, q_tok, q_edge, bias, logit_self, v_self = self._queries(h, nbr_index, edge)
         n_rows, n_slots = gather_index.shape[0], gather_index.shape[1]
         # index_select, not x[nbr_index]: advanced-indexing backward serialises over repeated
