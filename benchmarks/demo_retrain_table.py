@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from transip_md.atomic_io import atomic_output
+
 
 def row(run_dir: Path, name: str) -> dict:
     hist = json.loads((run_dir / "runs" / name / "history.json").read_text())
@@ -59,9 +61,8 @@ def main() -> int:
               f"{r['steps']:6d} {r['train_atoms_per_s']:8.0f} | {t['g2']:22.2f} {t['ion']:6.2f} "
               f"{t['water_clusters']:6.2f} {t['water_boxes']:6.2f} {t['organics_all']:6.2f}")
     if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.partial")
-        tmp.write_text(json.dumps({"runs": rows}, indent=1))
-        tmp.replace(args.json)
+        with atomic_output(args.json) as tmp:
+            Path(tmp).write_text(json.dumps({"runs": rows}, indent=1))
     return 0 if rows else 1
 
 
